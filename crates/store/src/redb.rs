@@ -1,0 +1,844 @@
+//! The embedded engine: redb in one file, with group commit.
+//!
+//! One writer thread owns every write. It takes all pending operations from a
+//! bounded queue, applies them in order in one redb write transaction, commits it
+//! with one fsync (`Durability::Immediate`), and only then acknowledges each
+//! operation and publishes its events. Readers open their own MVCC read
+//! transactions and never wait for the writer.
+//!
+//! Tables:
+//! - `kv`: key → create revision, mod revision, lease (0 = none), value;
+//! - `log`: revision → event (the history and the change feed);
+//! - `keylog`: (key, revision) → () (per-key history index);
+//! - `leases`: lease → (ttl ms, expiry ms); `lease_expiry`: (expiry ms, lease) → ();
+//!   `lease_keys`: (lease, key) → ();
+//! - `meta`: "revision", "next_lease", "compacted" → u64.
+
+use crate::{
+    CommitInfo, CommitObserver, Condition, Event, EventKind, KeyValue, Lease, LeaseChoice, LeaseId,
+    Page, Put, Result, Revision, Store, StoreError, now_ms,
+};
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const KEYLOG: TableDefinition<(&[u8], u64), ()> = TableDefinition::new("keylog");
+const LEASES: TableDefinition<u64, (u64, u64)> = TableDefinition::new("leases");
+const LEASE_EXPIRY: TableDefinition<(u64, u64), ()> = TableDefinition::new("lease_expiry");
+const LEASE_KEYS: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("lease_keys");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Tuning of the embedded engine.
+#[derive(Clone)]
+pub struct RedbOptions {
+    /// The most operations one commit carries.
+    pub max_batch: usize,
+    /// The most writes waiting for the writer; past it writes are refused with
+    /// [`StoreError::Overloaded`] instead of queueing without bound.
+    pub queue_capacity: usize,
+    /// The most history entries one compaction call drops (keeps commits short).
+    pub compaction_step: usize,
+    /// Told of every commit.
+    pub on_commit: Option<CommitObserver>,
+}
+
+impl Default for RedbOptions {
+    fn default() -> Self {
+        RedbOptions {
+            max_batch: 1024,
+            queue_capacity: 16 * 1024,
+            compaction_step: 10_000,
+            on_commit: None,
+        }
+    }
+}
+
+/// The embedded store.
+pub struct RedbStore {
+    shared: Arc<Shared>,
+    queue: mpsc::Sender<Pending>,
+    writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+struct Shared {
+    db: Database,
+    events: broadcast::Sender<Event>,
+    committed: AtomicU64,
+    compacted: AtomicU64,
+}
+
+enum Op {
+    Put(Put),
+    Delete(Vec<u8>, Condition),
+    Grant(Duration),
+    KeepAlive(LeaseId),
+    Revoke(LeaseId),
+    Sweep,
+    Compact(u64),
+    Shutdown,
+}
+
+enum Outcome {
+    Revision(Revision),
+    Deleted(Option<Revision>),
+    Lease(Lease),
+    Count(usize),
+    Done,
+}
+
+struct Pending {
+    op: Op,
+    reply: oneshot::Sender<Result<Outcome>>,
+}
+
+fn backend(e: impl Into<redb::Error>) -> StoreError {
+    match e.into() {
+        redb::Error::Corrupted(m) => StoreError::Corrupted(m),
+        redb::Error::Io(io) => StoreError::Io(io.to_string()),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+/// The `kv` table's value: create revision, mod revision, lease, then the value.
+struct Stored<'a> {
+    create: Revision,
+    modified: Revision,
+    lease: LeaseId,
+    value: &'a [u8],
+}
+
+impl<'a> Stored<'a> {
+    fn decode(bytes: &'a [u8]) -> Result<Self> {
+        if bytes.len() < 24 {
+            return Err(StoreError::Corrupted(
+                "kv record shorter than 24 bytes".into(),
+            ));
+        }
+        let u = |i: usize| u64::from_be_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+        Ok(Stored {
+            create: u(0),
+            modified: u(8),
+            lease: u(16),
+            value: &bytes[24..],
+        })
+    }
+
+    fn encode(create: Revision, modified: Revision, lease: LeaseId, value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(24 + value.len());
+        out.extend_from_slice(&create.to_be_bytes());
+        out.extend_from_slice(&modified.to_be_bytes());
+        out.extend_from_slice(&lease.to_be_bytes());
+        out.extend_from_slice(value);
+        out
+    }
+
+    fn to_key_value(&self, key: &[u8]) -> KeyValue {
+        KeyValue {
+            key: key.to_vec(),
+            value: self.value.to_vec(),
+            create_revision: self.create,
+            mod_revision: self.modified,
+            lease: (self.lease != 0).then_some(self.lease),
+        }
+    }
+}
+
+fn encode_event(kind: EventKind, at_ms: u64, key: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(13 + key.len() + value.len());
+    out.push(match kind {
+        EventKind::Put => 1,
+        EventKind::Delete => 2,
+    });
+    out.extend_from_slice(&at_ms.to_be_bytes());
+    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(value);
+    out
+}
+
+fn decode_event(revision: Revision, bytes: &[u8]) -> Result<Event> {
+    let bad = || StoreError::Corrupted(format!("log record {revision} is malformed"));
+    if bytes.len() < 13 {
+        return Err(bad());
+    }
+    let kind = match bytes[0] {
+        1 => EventKind::Put,
+        2 => EventKind::Delete,
+        _ => return Err(bad()),
+    };
+    let at_ms = u64::from_be_bytes(bytes[1..9].try_into().expect("8 bytes"));
+    let key_len = u32::from_be_bytes(bytes[9..13].try_into().expect("4 bytes")) as usize;
+    let key = bytes.get(13..13 + key_len).ok_or_else(bad)?.to_vec();
+    Ok(Event {
+        revision,
+        kind,
+        key,
+        value: bytes[13 + key_len..].to_vec(),
+        at_ms,
+    })
+}
+
+fn lease_live(
+    leases: &impl ReadableTable<u64, (u64, u64)>,
+    id: LeaseId,
+    now: u64,
+) -> Result<Option<Lease>> {
+    if id == 0 {
+        return Ok(None);
+    }
+    Ok(leases.get(id).map_err(backend)?.and_then(|g| {
+        let (ttl_ms, expires_at_ms) = g.value();
+        (expires_at_ms > now).then_some(Lease {
+            id,
+            ttl: Duration::from_millis(ttl_ms),
+            expires_at_ms,
+        })
+    }))
+}
+
+impl RedbStore {
+    /// Opens (or creates) the database file at `path` and starts the writer thread.
+    pub fn open(path: &Path, options: RedbOptions) -> Result<Self> {
+        let db = Database::create(path).map_err(backend)?;
+        let (committed, compacted, next_lease) = {
+            let txn = db.begin_write().map_err(backend)?;
+            let meta_values = {
+                // Create every table up front so readers never meet a missing one.
+                txn.open_table(KV).map_err(backend)?;
+                txn.open_table(LOG).map_err(backend)?;
+                txn.open_table(KEYLOG).map_err(backend)?;
+                txn.open_table(LEASES).map_err(backend)?;
+                txn.open_table(LEASE_EXPIRY).map_err(backend)?;
+                txn.open_table(LEASE_KEYS).map_err(backend)?;
+                let meta = txn.open_table(META).map_err(backend)?;
+                let get = |k: &str| -> Result<u64> {
+                    Ok(meta
+                        .get(k)
+                        .map_err(backend)?
+                        .map(|g| g.value())
+                        .unwrap_or(0))
+                };
+                (
+                    get("revision")?,
+                    get("compacted")?,
+                    get("next_lease")?.max(1),
+                )
+            };
+            txn.commit().map_err(backend)?;
+            meta_values
+        };
+        let (events, _) = broadcast::channel(4096);
+        let shared = Arc::new(Shared {
+            db,
+            events,
+            committed: AtomicU64::new(committed),
+            compacted: AtomicU64::new(compacted),
+        });
+        let (queue, rx) = mpsc::channel(options.queue_capacity.max(1));
+        let writer = Writer {
+            shared: shared.clone(),
+            revision: committed,
+            next_lease,
+            options,
+        };
+        let handle = std::thread::Builder::new()
+            .name("amphora-redb-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::Io(format!("starting the writer thread: {e}")))?;
+        Ok(RedbStore {
+            shared,
+            queue,
+            writer: std::sync::Mutex::new(Some(handle)),
+        })
+    }
+
+    async fn submit(&self, op: Op) -> Result<Outcome> {
+        let (reply, rx) = oneshot::channel();
+        self.queue
+            .try_send(Pending { op, reply })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => {
+                    StoreError::Unavailable("the store is closed".into())
+                }
+            })?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the writer stopped".into()))?
+    }
+
+    fn read(&self) -> Result<redb::ReadTransaction> {
+        self.shared.db.begin_read().map_err(backend)
+    }
+}
+
+fn unexpected() -> StoreError {
+    StoreError::Unavailable("the writer answered with the wrong kind of result".into())
+}
+
+#[async_trait]
+impl Store for RedbStore {
+    async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>> {
+        let txn = self.read()?;
+        let kv = txn.open_table(KV).map_err(backend)?;
+        let Some(guard) = kv.get(key).map_err(backend)? else {
+            return Ok(None);
+        };
+        let stored = Stored::decode(guard.value())?;
+        if stored.lease != 0 {
+            let leases = txn.open_table(LEASES).map_err(backend)?;
+            if lease_live(&leases, stored.lease, now_ms())?.is_none() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(stored.to_key_value(key)))
+    }
+
+    async fn range(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Page> {
+        let txn = self.read()?;
+        let kv = txn.open_table(KV).map_err(backend)?;
+        let leases = txn.open_table(LEASES).map_err(backend)?;
+        let now = now_ms();
+        let start = match after {
+            Some(a) if a >= prefix => std::ops::Bound::Excluded(a),
+            _ => std::ops::Bound::Included(prefix),
+        };
+        let mut page = Page::default();
+        for item in kv
+            .range::<&[u8]>((start, std::ops::Bound::Unbounded))
+            .map_err(backend)?
+        {
+            let (k, v) = item.map_err(backend)?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            let stored = Stored::decode(v.value())?;
+            if stored.lease != 0 && lease_live(&leases, stored.lease, now)?.is_none() {
+                continue;
+            }
+            if page.items.len() == limit {
+                page.more = true;
+                break;
+            }
+            page.items.push(stored.to_key_value(k.value()));
+        }
+        Ok(page)
+    }
+
+    async fn put(&self, put: Put) -> Result<Revision> {
+        match self.submit(Op::Put(put)).await? {
+            Outcome::Revision(r) => Ok(r),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn delete(&self, key: &[u8], condition: Condition) -> Result<Option<Revision>> {
+        match self.submit(Op::Delete(key.to_vec(), condition)).await? {
+            Outcome::Deleted(r) => Ok(r),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn history(&self, key: &[u8], limit: usize) -> Result<Vec<Event>> {
+        let txn = self.read()?;
+        let keylog = txn.open_table(KEYLOG).map_err(backend)?;
+        let log = txn.open_table(LOG).map_err(backend)?;
+        let mut out = Vec::new();
+        for item in keylog
+            .range((key, 0u64)..=(key, u64::MAX))
+            .map_err(backend)?
+            .rev()
+            .take(limit)
+        {
+            let (k, _) = item.map_err(backend)?;
+            let revision = k.value().1;
+            if let Some(bytes) = log.get(revision).map_err(backend)? {
+                out.push(decode_event(revision, bytes.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn changes(&self, from: Revision, limit: usize) -> Result<Vec<Event>> {
+        let compacted = self.shared.compacted.load(Ordering::Acquire);
+        if from <= compacted && compacted > 0 {
+            return Err(StoreError::Compacted { compacted });
+        }
+        let txn = self.read()?;
+        let log = txn.open_table(LOG).map_err(backend)?;
+        let mut out = Vec::new();
+        for item in log.range(from..).map_err(backend)?.take(limit) {
+            let (k, v) = item.map_err(backend)?;
+            out.push(decode_event(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    async fn revision(&self) -> Result<Revision> {
+        Ok(self.shared.committed.load(Ordering::Acquire))
+    }
+
+    async fn len(&self) -> Result<u64> {
+        let txn = self.read()?;
+        let kv = txn.open_table(KV).map_err(backend)?;
+        kv.len().map_err(backend)
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
+        match self.submit(Op::Grant(ttl)).await? {
+            Outcome::Lease(l) => Ok(l),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn keep_alive(&self, id: LeaseId) -> Result<Lease> {
+        match self.submit(Op::KeepAlive(id)).await? {
+            Outcome::Lease(l) => Ok(l),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn revoke_lease(&self, id: LeaseId) -> Result<()> {
+        match self.submit(Op::Revoke(id)).await? {
+            Outcome::Done | Outcome::Count(_) => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn lease(&self, id: LeaseId) -> Result<Option<Lease>> {
+        let txn = self.read()?;
+        let leases = txn.open_table(LEASES).map_err(backend)?;
+        lease_live(&leases, id, now_ms())
+    }
+
+    async fn sweep_expired_leases(&self) -> Result<usize> {
+        match self.submit(Op::Sweep).await? {
+            Outcome::Count(n) => Ok(n),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn compact_history(&self, before_ms: u64) -> Result<usize> {
+        match self.submit(Op::Compact(before_ms)).await? {
+            Outcome::Count(n) => Ok(n),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        // The shutdown marker queues behind every accepted write, so they all commit.
+        let outcome = self.submit(Op::Shutdown).await;
+        let handle = self.writer.lock().expect("writer handle lock").take();
+        if let Some(handle) = handle {
+            tokio::task::spawn_blocking(move || handle.join())
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                .map_err(|_| StoreError::Unavailable("the writer thread panicked".into()))?;
+        }
+        match outcome {
+            Ok(_) | Err(StoreError::Unavailable(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    shared: Arc<Shared>,
+    /// The last revision handed out (committed, or in the batch being built).
+    revision: Revision,
+    next_lease: LeaseId,
+    options: RedbOptions,
+}
+
+/// Tables of the current write transaction.
+struct Tables<'t> {
+    kv: redb::Table<'t, &'static [u8], &'static [u8]>,
+    log: redb::Table<'t, u64, &'static [u8]>,
+    keylog: redb::Table<'t, (&'static [u8], u64), ()>,
+    leases: redb::Table<'t, u64, (u64, u64)>,
+    lease_expiry: redb::Table<'t, (u64, u64), ()>,
+    lease_keys: redb::Table<'t, (u64, &'static [u8]), ()>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Pending>) {
+        let mut stopping = false;
+        while !stopping {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            let mut batch = vec![first];
+            while batch.len() < self.options.max_batch {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            if let Some(pos) = batch.iter().position(|p| matches!(p.op, Op::Shutdown)) {
+                // Later operations in this batch were sent after close began: refuse them.
+                stopping = true;
+                for late in batch.drain(pos + 1..) {
+                    let _ = late
+                        .reply
+                        .send(Err(StoreError::Unavailable("the store is closing".into())));
+                }
+            }
+            self.commit_batch(batch);
+        }
+        rx.close();
+        while let Ok(late) = rx.try_recv() {
+            let _ = late
+                .reply
+                .send(Err(StoreError::Unavailable("the store is closed".into())));
+        }
+    }
+
+    fn commit_batch(&mut self, batch: Vec<Pending>) {
+        let started = Instant::now();
+        let before = (self.revision, self.next_lease);
+        let mut events = Vec::new();
+        let applied = self.apply(&batch, &mut events);
+        let size = batch.len();
+        match applied {
+            Ok((outcomes, compacted)) => {
+                self.shared
+                    .committed
+                    .store(self.revision, Ordering::Release);
+                if let Some(c) = compacted {
+                    self.shared.compacted.store(c, Ordering::Release);
+                }
+                if self.shared.events.receiver_count() > 0 {
+                    for event in events {
+                        let _ = self.shared.events.send(event);
+                    }
+                }
+                for (pending, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = pending.reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, batch = size, "group commit failed; every write in it is refused");
+                (self.revision, self.next_lease) = before;
+                for pending in batch {
+                    let _ = pending.reply.send(Err(e.clone()));
+                }
+            }
+        }
+        if let Some(observer) = &self.options.on_commit {
+            observer(CommitInfo {
+                batch_size: size,
+                duration: started.elapsed(),
+            });
+        }
+    }
+
+    /// Applies a batch in one transaction and commits it. The outer error fails the
+    /// whole batch (nothing was committed); inner errors belong to single operations
+    /// that changed nothing.
+    #[allow(clippy::type_complexity)]
+    fn apply(
+        &mut self,
+        batch: &[Pending],
+        events: &mut Vec<Event>,
+    ) -> Result<(Vec<Result<Outcome>>, Option<Revision>)> {
+        let txn = self.shared.db.begin_write().map_err(backend)?;
+        let now = now_ms();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut compacted = None;
+        {
+            let mut t = Tables {
+                kv: txn.open_table(KV).map_err(backend)?,
+                log: txn.open_table(LOG).map_err(backend)?,
+                keylog: txn.open_table(KEYLOG).map_err(backend)?,
+                leases: txn.open_table(LEASES).map_err(backend)?,
+                lease_expiry: txn.open_table(LEASE_EXPIRY).map_err(backend)?,
+                lease_keys: txn.open_table(LEASE_KEYS).map_err(backend)?,
+            };
+            for pending in batch {
+                let outcome = match &pending.op {
+                    Op::Put(put) => self.put(&mut t, put, now, events).map(Outcome::Revision),
+                    Op::Delete(key, cond) => self
+                        .delete(&mut t, key, *cond, now, events)
+                        .map(Outcome::Deleted),
+                    Op::Grant(ttl) => self.grant(&mut t, *ttl, now).map(Outcome::Lease),
+                    Op::KeepAlive(id) => Self::keep_alive(&mut t, *id, now).map(Outcome::Lease),
+                    Op::Revoke(id) => self.revoke(&mut t, *id, now, events).map(|_| Outcome::Done),
+                    Op::Sweep => self.sweep(&mut t, now, events).map(Outcome::Count),
+                    Op::Compact(before) => self.compact(&mut t, *before).map(|(n, c)| {
+                        compacted = c.or(compacted);
+                        Outcome::Count(n)
+                    }),
+                    Op::Shutdown => Ok(Outcome::Done),
+                };
+                match outcome {
+                    Err(
+                        e @ (StoreError::Io(_)
+                        | StoreError::Corrupted(_)
+                        | StoreError::Unavailable(_)),
+                    ) => return Err(e),
+                    other => outcomes.push(other),
+                }
+            }
+            let mut meta = txn.open_table(META).map_err(backend)?;
+            meta.insert("revision", self.revision).map_err(backend)?;
+            meta.insert("next_lease", self.next_lease)
+                .map_err(backend)?;
+            if let Some(c) = compacted {
+                meta.insert("compacted", c).map_err(backend)?;
+            }
+        }
+        // Durability::Immediate is redb's default: commit returns after the fsync.
+        txn.commit().map_err(backend)?;
+        Ok((outcomes, compacted))
+    }
+
+    fn record(
+        &mut self,
+        t: &mut Tables,
+        kind: EventKind,
+        key: &[u8],
+        value: &[u8],
+        now: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Revision> {
+        self.revision += 1;
+        let revision = self.revision;
+        t.log
+            .insert(revision, encode_event(kind, now, key, value).as_slice())
+            .map_err(backend)?;
+        t.keylog.insert((key, revision), ()).map_err(backend)?;
+        events.push(Event {
+            revision,
+            kind,
+            key: key.to_vec(),
+            value: value.to_vec(),
+            at_ms: now,
+        });
+        Ok(revision)
+    }
+
+    /// The entry under `key` as stored (live or not) and whether it is live.
+    fn current(
+        t: &Tables,
+        key: &[u8],
+        now: u64,
+    ) -> Result<Option<(Revision, Revision, LeaseId, bool)>> {
+        let Some(guard) = t.kv.get(key).map_err(backend)? else {
+            return Ok(None);
+        };
+        let s = Stored::decode(guard.value())?;
+        let live = s.lease == 0 || lease_live(&t.leases, s.lease, now)?.is_some();
+        Ok(Some((s.create, s.modified, s.lease, live)))
+    }
+
+    fn put(
+        &mut self,
+        t: &mut Tables,
+        put: &Put,
+        now: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Revision> {
+        let current = Self::current(t, &put.key, now)?;
+        let live = current.filter(|c| c.3);
+        let holds = match put.condition {
+            Condition::None => true,
+            Condition::Absent => live.is_none(),
+            Condition::Exists => live.is_some(),
+            Condition::Revision(r) => live.is_some_and(|c| c.1 == r),
+        };
+        if !holds {
+            return Err(StoreError::Conflict {
+                current: live.map(|c| c.1),
+            });
+        }
+        let lease = match put.lease {
+            LeaseChoice::Keep => live.map(|c| c.2).unwrap_or(0),
+            LeaseChoice::Clear => 0,
+            LeaseChoice::Set(id) => {
+                lease_live(&t.leases, id, now)?.ok_or(StoreError::LeaseNotFound(id))?;
+                id
+            }
+        };
+        if let Some((_, _, old_lease, was_live)) = current {
+            if !was_live {
+                // The old incarnation expired but was not swept yet: record its end first.
+                self.record(t, EventKind::Delete, &put.key, &[], now, events)?;
+            }
+            if old_lease != 0 && old_lease != lease {
+                t.lease_keys
+                    .remove((old_lease, put.key.as_slice()))
+                    .map_err(backend)?;
+            }
+        }
+        let revision = self.record(t, EventKind::Put, &put.key, &put.value, now, events)?;
+        let create = live.map(|c| c.0).unwrap_or(revision);
+        t.kv.insert(
+            put.key.as_slice(),
+            Stored::encode(create, revision, lease, &put.value).as_slice(),
+        )
+        .map_err(backend)?;
+        if lease != 0 {
+            t.lease_keys
+                .insert((lease, put.key.as_slice()), ())
+                .map_err(backend)?;
+        }
+        Ok(revision)
+    }
+
+    fn delete(
+        &mut self,
+        t: &mut Tables,
+        key: &[u8],
+        condition: Condition,
+        now: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Option<Revision>> {
+        let live = Self::current(t, key, now)?.filter(|c| c.3);
+        let holds = match condition {
+            Condition::None => true,
+            Condition::Absent => live.is_none(),
+            Condition::Exists => live.is_some(),
+            Condition::Revision(r) => live.is_some_and(|c| c.1 == r),
+        };
+        if !holds {
+            return Err(StoreError::Conflict {
+                current: live.map(|c| c.1),
+            });
+        }
+        let Some((_, _, lease, _)) = live else {
+            return Ok(None);
+        };
+        self.remove_key(t, key, lease, now, events).map(Some)
+    }
+
+    fn remove_key(
+        &mut self,
+        t: &mut Tables,
+        key: &[u8],
+        lease: LeaseId,
+        now: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Revision> {
+        t.kv.remove(key).map_err(backend)?;
+        if lease != 0 {
+            t.lease_keys.remove((lease, key)).map_err(backend)?;
+        }
+        self.record(t, EventKind::Delete, key, &[], now, events)
+    }
+
+    fn grant(&mut self, t: &mut Tables, ttl: Duration, now: u64) -> Result<Lease> {
+        let id = self.next_lease;
+        self.next_lease += 1;
+        let ttl_ms = (ttl.as_millis() as u64).max(1);
+        let expires_at_ms = now.saturating_add(ttl_ms);
+        t.leases
+            .insert(id, (ttl_ms, expires_at_ms))
+            .map_err(backend)?;
+        t.lease_expiry
+            .insert((expires_at_ms, id), ())
+            .map_err(backend)?;
+        Ok(Lease {
+            id,
+            ttl: Duration::from_millis(ttl_ms),
+            expires_at_ms,
+        })
+    }
+
+    fn keep_alive(t: &mut Tables, id: LeaseId, now: u64) -> Result<Lease> {
+        let lease = lease_live(&t.leases, id, now)?.ok_or(StoreError::LeaseNotFound(id))?;
+        let ttl_ms = lease.ttl.as_millis() as u64;
+        let expires_at_ms = now.saturating_add(ttl_ms);
+        t.lease_expiry
+            .remove((lease.expires_at_ms, id))
+            .map_err(backend)?;
+        t.lease_expiry
+            .insert((expires_at_ms, id), ())
+            .map_err(backend)?;
+        t.leases
+            .insert(id, (ttl_ms, expires_at_ms))
+            .map_err(backend)?;
+        Ok(Lease {
+            expires_at_ms,
+            ..lease
+        })
+    }
+
+    fn revoke(
+        &mut self,
+        t: &mut Tables,
+        id: LeaseId,
+        now: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<()> {
+        let Some((_, expires_at_ms)) = t.leases.remove(id).map_err(backend)?.map(|g| g.value())
+        else {
+            return Err(StoreError::LeaseNotFound(id));
+        };
+        t.lease_expiry
+            .remove((expires_at_ms, id))
+            .map_err(backend)?;
+        let keys: Vec<Vec<u8>> = t
+            .lease_keys
+            .range((id, &[][..])..(id + 1, &[][..]))
+            .map_err(backend)?
+            .map(|item| item.map(|(k, _)| k.value().1.to_vec()).map_err(backend))
+            .collect::<Result<_>>()?;
+        for key in keys {
+            let attached = Self::current(t, &key, now)?.is_some_and(|c| c.2 == id);
+            if attached {
+                self.remove_key(t, &key, id, now, events)?;
+            } else {
+                t.lease_keys.remove((id, key.as_slice())).map_err(backend)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn sweep(&mut self, t: &mut Tables, now: u64, events: &mut Vec<Event>) -> Result<usize> {
+        let expired: Vec<LeaseId> = t
+            .lease_expiry
+            .range((0u64, 0u64)..=(now, u64::MAX))
+            .map_err(backend)?
+            .map(|item| item.map(|(k, _)| k.value().1).map_err(backend))
+            .collect::<Result<_>>()?;
+        for id in &expired {
+            self.revoke(t, *id, now, events)?;
+        }
+        Ok(expired.len())
+    }
+
+    fn compact(&mut self, t: &mut Tables, before_ms: u64) -> Result<(usize, Option<Revision>)> {
+        let mut doomed = Vec::new();
+        for item in t
+            .log
+            .iter()
+            .map_err(backend)?
+            .take(self.options.compaction_step)
+        {
+            let (k, v) = item.map_err(backend)?;
+            let event = decode_event(k.value(), v.value())?;
+            if event.at_ms >= before_ms {
+                break;
+            }
+            doomed.push((event.revision, event.key));
+        }
+        let last = doomed.last().map(|d| d.0);
+        for (revision, key) in &doomed {
+            t.log.remove(revision).map_err(backend)?;
+            t.keylog
+                .remove((key.as_slice(), *revision))
+                .map_err(backend)?;
+        }
+        Ok((doomed.len(), last))
+    }
+}
