@@ -172,7 +172,7 @@ pub trait Store: Send + Sync + 'static {
     async fn revision(&self) -> Result<Revision>;
 
     /// The number of stored entries (including any expired but not yet swept).
-    async fn len(&self) -> Result<u64>;
+    async fn entry_count(&self) -> Result<u64>;
 
     /// Creates a lease.
     async fn grant_lease(&self, ttl: Duration) -> Result<Lease>;

@@ -387,7 +387,7 @@ impl Store for RedbStore {
         Ok(self.shared.committed.load(Ordering::Acquire))
     }
 
-    async fn len(&self) -> Result<u64> {
+    async fn entry_count(&self) -> Result<u64> {
         let txn = self.read()?;
         let kv = txn.open_table(KV).map_err(backend)?;
         kv.len().map_err(backend)

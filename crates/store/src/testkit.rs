@@ -94,7 +94,7 @@ async fn prefix_scans(s: impl Store) {
     let all = s.range(b"", None, 100).await.unwrap();
     assert_eq!(keys(&all), ["p", "p/a", "p/b", "p/c", "p/d", "p0", "q/a"]);
     assert!(s.range(b"r", None, 10).await.unwrap().items.is_empty());
-    assert_eq!(s.len().await.unwrap(), 7);
+    assert_eq!(s.entry_count().await.unwrap(), 7);
     s.close().await.unwrap();
 }
 
@@ -163,7 +163,7 @@ async fn leases(s: impl Store) {
         Err(StoreError::LeaseNotFound(lease.id))
     );
     assert_eq!(s.sweep_expired_leases().await.unwrap(), 1);
-    assert_eq!(s.len().await.unwrap(), 0);
+    assert_eq!(s.entry_count().await.unwrap(), 0);
     assert_eq!(s.history(b"l", 1).await.unwrap()[0].kind, EventKind::Delete);
     // Revoking deletes the attached entries at once.
     let lease = s.grant_lease(Duration::from_secs(60)).await.unwrap();

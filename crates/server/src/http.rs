@@ -1,0 +1,326 @@
+//! The HTTP edge: the router of both APIs, the middleware every request passes
+//! (request id, tracing span, access log, metrics), health endpoints and fallbacks.
+//!
+//! Invariant: query strings never reach a log line. COMET clients put tokens there.
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::service::Service;
+use crate::{comet, native};
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+use tracing::Instrument;
+
+/// State shared by every handler.
+pub struct AppState {
+    /// The metadata service.
+    pub service: Service,
+    /// The metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// False once shutdown has begun.
+    pub ready: AtomicBool,
+    request_ids: AtomicU64,
+    id_prefix: u32,
+}
+
+impl AppState {
+    /// State around a service.
+    pub fn new(service: Service, metrics: Arc<Metrics>) -> Self {
+        let mut seed = [0u8; 4];
+        let _ = getrandom::fill(&mut seed);
+        AppState {
+            service,
+            metrics,
+            ready: AtomicBool::new(true),
+            request_ids: AtomicU64::new(0),
+            id_prefix: u32::from_le_bytes(seed),
+        }
+    }
+}
+
+/// Shared state as handlers receive it.
+pub type Shared = Arc<AppState>;
+
+/// Builds the router of every endpoint.
+pub fn router(state: Shared) -> Router {
+    let comet = Router::new()
+        .route("/writeScope", post(comet::write_scope))
+        .route("/readScope", get(comet::read_scope))
+        .route("/enumerateScope", get(comet::enumerate_scope))
+        .route("/deleteScope", axum::routing::delete(comet::delete_scope))
+        .route("/getVersion", get(comet::get_version));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/kv/{context}", get(native::list_context))
+        .route("/v1/kv/{context}/{family}", get(native::list_family))
+        .route(
+            "/v1/kv/{context}/{family}/{key}",
+            get(native::get).put(native::put).delete(native::delete),
+        )
+        .route(
+            "/v1/kv/{context}/{family}/{key}/history",
+            get(native::history),
+        )
+        .route(
+            "/v1/kv/{context}/{family}/{key}/keepalive",
+            post(native::keep_alive),
+        )
+        .merge(comet.clone())
+        .nest("/v1", comet)
+        .fallback(route_not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// The whole application: slash normalization in front of the router.
+///
+/// Normalization must happen before routing, so it wraps the router rather than
+/// being one of its layers.
+pub fn app(state: Shared) -> tower::util::MapRequest<Router, fn(Request) -> Request> {
+    use tower::ServiceExt;
+    router(state).map_request(collapse_slashes as fn(Request) -> Request)
+}
+
+/// COMET clients build URLs as `host + "/readScope"` with `host` ending in `/`:
+/// repeated slashes in the path are collapsed into one.
+fn collapse_slashes(mut req: Request) -> Request {
+    let path = req.uri().path();
+    if !path.contains("//") {
+        return req;
+    }
+    let mut collapsed = String::with_capacity(path.len());
+    for c in path.chars() {
+        if !(c == '/' && collapsed.ends_with('/')) {
+            collapsed.push(c);
+        }
+    }
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{collapsed}?{q}"),
+        None => collapsed,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    if let Ok(pq) = path_and_query.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+    req
+}
+
+/// A bounded label for metrics: the route, never the names in it.
+fn endpoint_of(path: &str) -> &'static str {
+    let comet_path = path.strip_prefix("/v1").unwrap_or(path);
+    match comet_path {
+        "/writeScope" => return "comet_write_scope",
+        "/readScope" => return "comet_read_scope",
+        "/enumerateScope" => return "comet_enumerate_scope",
+        "/deleteScope" => return "comet_delete_scope",
+        "/getVersion" => return "comet_get_version",
+        _ => {}
+    }
+    match path {
+        "/healthz" => return "healthz",
+        "/readyz" => return "readyz",
+        "/metrics" => return "metrics",
+        _ => {}
+    }
+    if let Some(rest) = path.strip_prefix("/v1/kv/") {
+        let segments: Vec<&str> = rest.split('/').collect();
+        return match (segments.len(), segments.last().copied()) {
+            (1, _) => "kv_context",
+            (2, _) => "kv_family",
+            (3, _) => "kv_entry",
+            (4, Some("history")) => "kv_history",
+            (4, Some("keepalive")) => "kv_keepalive",
+            _ => "other",
+        };
+    }
+    "other"
+}
+
+fn request_id(state: &AppState, headers: &HeaderMap) -> String {
+    // Keep a caller's id when it is short and printable, so traces join up.
+    if let Some(given) = headers.get("x-request-id").and_then(|v| v.to_str().ok())
+        && !given.is_empty()
+        && given.len() <= 64
+        && given.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return given.to_owned();
+    }
+    let n = state.request_ids.fetch_add(1, Ordering::Relaxed);
+    format!("{:08x}{:08x}", state.id_prefix, n)
+}
+
+/// Request id, tracing span, access log and metrics for every request.
+async fn observe(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = request_id(&state, req.headers());
+    let method = req.method().clone();
+    // The path only: COMET puts tokens in the query string.
+    let path = req.uri().path().to_owned();
+    let endpoint = endpoint_of(&path);
+    let span = tracing::info_span!("request", request_id = %id, %method, endpoint);
+    let mut response = next.run(req).instrument(span.clone()).await;
+    let status = response.status();
+    let elapsed = started.elapsed();
+    state.metrics.observe_request(
+        endpoint,
+        method.as_str(),
+        status.as_u16(),
+        elapsed.as_secs_f64(),
+    );
+    span.in_scope(|| {
+        tracing::info!(
+            status = status.as_u16(),
+            micros = elapsed.as_micros() as u64,
+            path = %truncate(&path, 512),
+            "request"
+        );
+    });
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        headers.insert("x-request-id", v);
+    }
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Renders a native API error: `{"error": {"code": ..., "message": ...}}`.
+pub fn native_error(e: ApiError) -> Response {
+    e.log_if_server_side();
+    let (status, code) = e.status_and_code();
+    let body = serde_json::json!({"error": {"code": code, "message": e.public_message()}});
+    let mut response = (status, axum::Json(body)).into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        native_error(self)
+    }
+}
+
+fn is_comet_path(path: &str) -> bool {
+    matches!(
+        path.strip_prefix("/v1").unwrap_or(path),
+        "/writeScope" | "/readScope" | "/enumerateScope" | "/deleteScope" | "/getVersion"
+    )
+}
+
+async fn route_not_found(uri: Uri) -> Response {
+    native_error(ApiError::RouteNotFound(
+        truncate(uri.path(), 256).to_owned(),
+    ))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let e = ApiError::MethodNotAllowed(method.to_string());
+    if is_comet_path(uri.path()) {
+        comet::error(e)
+    } else {
+        native_error(e)
+    }
+}
+
+async fn healthz() -> Response {
+    axum::Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(state): State<Shared>) -> Response {
+    if !state.ready.load(Ordering::Acquire) {
+        return native_error(ApiError::Unavailable("shutting down".into()));
+    }
+    match state.service.store().entry_count().await {
+        Ok(entries) => {
+            let revision = state.service.store().revision().await.unwrap_or(0);
+            axum::Json(
+                serde_json::json!({"status": "ready", "revision": revision, "entries": entries}),
+            )
+            .into_response()
+        }
+        Err(e) => native_error(e.into()),
+    }
+}
+
+async fn metrics(State(state): State<Shared>) -> Response {
+    let entries = state.service.store().entry_count().await.unwrap_or(0);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(entries),
+    )
+        .into_response()
+}
+
+/// Reads a request body of at most `limit` bytes: a larger one is refused with 413
+/// before it is buffered.
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::BodyTooLarge(limit));
+    }
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::BodyTooLarge(limit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collapses_repeated_slashes_and_keeps_the_query() {
+        let req = Request::builder()
+            .uri("http://h//v1///readScope?contextID=a//b")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(
+            collapse_slashes(req).uri().to_string(),
+            "http://h/v1/readScope?contextID=a//b"
+        );
+    }
+
+    #[test]
+    fn endpoint_labels_are_bounded() {
+        assert_eq!(endpoint_of("/v1/kv/c/f/k"), "kv_entry");
+        assert_eq!(endpoint_of("/v1/kv/c/f/k/history"), "kv_history");
+        assert_eq!(endpoint_of("/v1/readScope"), "comet_read_scope");
+        assert_eq!(endpoint_of("/anything/else"), "other");
+    }
+}

@@ -1,0 +1,151 @@
+//! The `amphora` server: HTTP APIs (native and COMET-compatible), configuration,
+//! expiry sweeps and metrics, over the storage interface of `amphora-store`.
+//!
+//! Invariant: only this crate knows HTTP; it never names redb outside [`run`]'s
+//! choice of engine.
+
+pub mod comet;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod keyfile;
+pub mod metrics;
+pub mod native;
+pub mod query;
+pub mod service;
+
+use crate::config::Settings;
+use crate::http::AppState;
+use crate::metrics::Metrics;
+use crate::service::{Service, ServiceSettings};
+use amphora_model::Limits;
+use amphora_store::Store;
+use amphora_store::redb::{RedbOptions, RedbStore};
+use anyhow::Context;
+use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// The database file inside the data directory.
+pub const DB_FILE: &str = "amphora.redb";
+
+/// How often leases are swept and history compacted.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
+
+/// Runs the server until SIGTERM or SIGINT, then shuts down gracefully: stop
+/// accepting, finish the requests in flight, commit every accepted write, close.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&settings.data_dir)
+        .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
+    let key = keyfile::load_or_create(&settings.data_dir)?;
+    let metrics = Arc::new(Metrics::new());
+    let observer = metrics.clone();
+    let store: Arc<dyn Store> = Arc::new(
+        RedbStore::open(
+            &settings.data_dir.join(DB_FILE),
+            RedbOptions {
+                on_commit: Some(Arc::new(move |info| observer.observe_commit(info))),
+                ..RedbOptions::default()
+            },
+        )
+        .with_context(|| format!("opening the store in {}", settings.data_dir.display()))?,
+    );
+    let service = Service::new(
+        store.clone(),
+        &key,
+        ServiceSettings {
+            limits: Limits {
+                max_name_bytes: settings.max_name_bytes,
+                max_value_bytes: settings.max_value_bytes,
+            },
+            check_token_strength: settings.check_token_strength,
+            idle_expiry: settings.idle_expiry,
+            max_enumerate: settings.max_enumerate,
+        },
+    );
+    let state = Arc::new(AppState::new(service, metrics));
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("listening on {}", settings.listen))?;
+    let addr = listener.local_addr()?;
+    if addr.ip().is_loopback() {
+        tracing::warn!("no TLS configured: serving plain HTTP on loopback only");
+    }
+    tracing::info!(%addr, data_dir = %settings.data_dir.display(), "amphora listening");
+    // A line for scripts and tests that start the server on port 0.
+    println!("amphora listening on http://{addr}");
+    std::io::stdout().flush().ok();
+
+    let sweeper = tokio::spawn(sweep_loop(state.clone(), settings.clone()));
+    let app = http::app(state.clone());
+    let shutdown_state = state.clone();
+    axum::serve(
+        listener,
+        axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        shutdown_state.ready.store(false, Ordering::Release);
+        tracing::info!("shutting down: finishing requests in flight");
+    })
+    .await
+    .context("serving HTTP")?;
+    sweeper.abort();
+    let _ = sweeper.await;
+    store.close().await.context("closing the store")?;
+    tracing::info!("shut down cleanly");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+/// Background maintenance: expired leases, old history, COMET idle expiry.
+async fn sweep_loop(state: Arc<AppState>, settings: Settings) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let idle_every = settings.idle_expiry.max(Duration::from_secs(1));
+    let mut last_idle = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        let store = state.service.store();
+        match store.sweep_expired_leases().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(leases = n, "expired leases swept"),
+            Err(e) => tracing::warn!(error = %e, "lease sweep failed"),
+        }
+        let cutoff =
+            amphora_store::now_ms().saturating_sub(settings.history_retention.as_millis() as u64);
+        if let Err(e) = store.compact_history(cutoff).await {
+            tracing::warn!(error = %e, "history compaction failed");
+        }
+        if !settings.idle_expiry.is_zero() && last_idle.elapsed() >= idle_every {
+            last_idle = tokio::time::Instant::now();
+            match state.service.sweep_idle().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(entries = n, "idle entries expired"),
+                Err(e) => tracing::warn!(error = %e, "idle sweep failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! Prometheus metrics: requests by endpoint and status, latency histograms, group
+//! commit batch sizes and durations, and the number of stored entries.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    endpoint: &'static str,
+    method: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to about 3.3 s.
+    Histogram::new(exponential_buckets(0.00005, 2.0, 17))
+}
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    commit_batch: Histogram,
+    commit_seconds: Histogram,
+    entries: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("amphora");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by endpoint, method and status",
+            requests.clone(),
+        );
+        let latency = Family::<EndpointLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by endpoint",
+            latency.clone(),
+        );
+        let commit_batch = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        registry.register(
+            "store_commit_batch_size",
+            "Operations carried by one group commit",
+            commit_batch.clone(),
+        );
+        let commit_seconds = latency_histogram();
+        registry.register(
+            "store_commit_duration_seconds",
+            "Duration of one group commit, fsync included",
+            commit_seconds.clone(),
+        );
+        let entries = Gauge::default();
+        registry.register(
+            "store_entries",
+            "Entries stored (expired ones not yet swept included)",
+            entries.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            commit_batch,
+            commit_seconds,
+            entries,
+        }
+    }
+
+    /// Counts one request.
+    pub fn observe_request(&self, endpoint: &'static str, method: &str, status: u16, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                endpoint,
+                method: method.to_owned(),
+                status,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&EndpointLabels { endpoint })
+            .observe(seconds);
+    }
+
+    /// Records one group commit.
+    pub fn observe_commit(&self, info: amphora_store::CommitInfo) {
+        self.commit_batch.observe(info.batch_size as f64);
+        self.commit_seconds.observe(info.duration.as_secs_f64());
+    }
+
+    /// Renders the text exposition format, with the entry count given.
+    pub fn render(&self, entries: u64) -> String {
+        self.entries.set(entries as i64);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,379 @@
+//! The native JSON API under `/v1/kv`. Tokens travel in the `Amphora-Read-Token` and
+//! `Amphora-Write-Token` headers, never in the URL.
+
+use crate::error::ApiError;
+use crate::http::{Shared, read_body};
+use crate::query::Query;
+use crate::service::{Entry, WriteOptions};
+use amphora_model::{EntryKey, context_prefix, family_prefix};
+use amphora_store::EventKind;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// The header carrying the read token.
+pub const READ_TOKEN: &str = "amphora-read-token";
+/// The header carrying the write token.
+pub const WRITE_TOKEN: &str = "amphora-write-token";
+
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn header_token<'h>(headers: &'h HeaderMap, name: &'static str) -> Result<&'h str, ApiError> {
+    match headers.get(name) {
+        None => Err(ApiError::MissingParameter(name_of(name))),
+        Some(v) => match v.to_str() {
+            Ok("") => Err(ApiError::MissingParameter(name_of(name))),
+            Ok(s) => Ok(s),
+            Err(_) => Err(ApiError::BadRequest(format!(
+                "header {name} must be visible ASCII"
+            ))),
+        },
+    }
+}
+
+fn name_of(header: &'static str) -> &'static str {
+    if header == READ_TOKEN {
+        "Amphora-Read-Token header"
+    } else {
+        "Amphora-Write-Token header"
+    }
+}
+
+/// Parses the query string and refuses tokens in it.
+fn query(raw: Option<String>) -> Result<Query, ApiError> {
+    let q = Query::parse(raw.as_deref())?;
+    if q.has_any(&["readToken", "writeToken", READ_TOKEN, WRITE_TOKEN, "token"]) {
+        return Err(ApiError::TokenInQuery);
+    }
+    Ok(q)
+}
+
+fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
+    p.map(|Path(t)| t)
+        .map_err(|e| ApiError::BadRequest(format!("invalid path: {}", e.body_text())))
+}
+
+/// The entry a request names, validated, and its query string (without tokens).
+pub struct EntryTarget {
+    key: EntryKey,
+    query: Query,
+}
+
+impl FromRequestParts<Shared> for EntryTarget {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, ApiError> {
+        let p = Path::<(String, String, String)>::from_request_parts(parts, state).await;
+        let (c, f, k) = path(p)?;
+        let query = query(parts.uri.query().map(str::to_owned))?;
+        let key = state.service.entry_key(&c, &f, &k)?;
+        Ok(EntryTarget { key, query })
+    }
+}
+
+/// Both tokens from the headers.
+fn token_pair(headers: &HeaderMap) -> Result<(&str, &str), ApiError> {
+    Ok((
+        header_token(headers, READ_TOKEN)?,
+        header_token(headers, WRITE_TOKEN)?,
+    ))
+}
+
+#[derive(Serialize)]
+struct EntryBody<'a> {
+    context: &'a str,
+    family: &'a str,
+    key: &'a str,
+    value: Box<RawValue>,
+    revision: u64,
+    created_at: String,
+    updated_at: String,
+    expires_at: Option<String>,
+}
+
+fn entry_body(e: &Entry) -> Result<EntryBody<'_>, ApiError> {
+    let value = RawValue::from_string(e.value.clone())
+        .map_err(|err| ApiError::Internal(format!("stored value is not JSON: {err}")))?;
+    Ok(EntryBody {
+        context: &e.key.context,
+        family: &e.key.family,
+        key: &e.key.key,
+        value,
+        revision: e.revision,
+        created_at: rfc3339(e.created_at_ms),
+        updated_at: rfc3339(e.updated_at_ms),
+        expires_at: e.expires_at_ms.map(rfc3339),
+    })
+}
+
+fn etag(revision: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{revision}\"")).expect("digits and quotes are valid")
+}
+
+/// `GET /v1/kv/{context}/{family}/{key}`.
+pub async fn get(
+    State(state): State<Shared>,
+    EntryTarget { key, .. }: EntryTarget,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let read = header_token(&headers, READ_TOKEN)?;
+    let entry = state
+        .service
+        .read(&key, read)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let mut response = Json(entry_body(&entry)?).into_response();
+    response
+        .headers_mut()
+        .insert(header::ETAG, etag(entry.revision));
+    Ok(response)
+}
+
+fn parse_if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let s = v.to_str().unwrap_or("").trim();
+    let s = s.strip_prefix("W/").unwrap_or(s).trim_matches('"');
+    s.parse().map(Some).map_err(|_| {
+        ApiError::BadRequest("If-Match must be a revision, as in the ETag of a read".into())
+    })
+}
+
+fn parse_ttl(q: &Query) -> Result<Option<Duration>, ApiError> {
+    let Some(raw) = q.get("ttl") else {
+        return Ok(None);
+    };
+    let ttl = humantime::parse_duration(raw).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "ttl {raw:?} is not a duration such as 30s or 5m: {e}"
+        ))
+    })?;
+    if ttl.is_zero() || ttl > MAX_TTL {
+        return Err(ApiError::BadRequest(
+            "ttl must be above zero and at most 365 days".into(),
+        ));
+    }
+    Ok(Some(ttl))
+}
+
+/// `PUT /v1/kv/{context}/{family}/{key}`: create or replace; answers the revision.
+pub async fn put(
+    State(state): State<Shared>,
+    EntryTarget { key, query: q }: EntryTarget,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (read, write) = token_pair(&headers)?;
+    let options = WriteOptions {
+        if_match: parse_if_match(&headers)?,
+        create_only: match headers.get(header::IF_NONE_MATCH) {
+            None => false,
+            Some(v) if v.as_bytes() == b"*" => true,
+            Some(_) => return Err(ApiError::BadRequest("If-None-Match accepts only *".into())),
+        },
+        ttl: parse_ttl(&q)?,
+    };
+    let limit = state.service.settings().limits.max_value_bytes;
+    let bytes = read_body(&headers, body, limit).await?;
+    state.service.check_value(bytes.len())?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| ApiError::InvalidJson("body is not UTF-8".into()))?;
+    // Validate without building a tree; the text is stored as it came.
+    let raw_value: Box<RawValue> =
+        serde_json::from_str(text).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    let written = state
+        .service
+        .write(&key, raw_value.get().to_owned(), read, write, &options)
+        .await?;
+    let status = if written.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut response = (
+        status,
+        Json(serde_json::json!({"revision": written.revision, "created": written.created})),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::ETAG, etag(written.revision));
+    Ok(response)
+}
+
+/// `DELETE /v1/kv/{context}/{family}/{key}`.
+pub async fn delete(
+    State(state): State<Shared>,
+    EntryTarget { key, .. }: EntryTarget,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (read, write) = token_pair(&headers)?;
+    let revision = state.service.delete(&key, read, write).await?;
+    Ok(Json(serde_json::json!({"revision": revision})).into_response())
+}
+
+/// The `limit` parameter: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when absent.
+fn page_limit(q: &Query) -> Result<usize, ApiError> {
+    match q.get("limit") {
+        None => Ok(DEFAULT_PAGE),
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!("limit must be a number from 1 to {MAX_PAGE}"))
+            }),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+async fn list(
+    state: Shared,
+    context: String,
+    family: Option<String>,
+    raw: Option<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let q = query(raw)?;
+    state.service.context_name(&context)?;
+    if let Some(f) = &family {
+        state.service.family_name(f)?;
+    }
+    let read = header_token(&headers, READ_TOKEN)?;
+    let limit = page_limit(&q)?;
+    // The cursor is the hex of the store key after the listed prefix: opaque to
+    // clients, and checked to stay inside the prefix.
+    let prefix = match &family {
+        Some(f) => family_prefix(&context, f),
+        None => context_prefix(&context),
+    };
+    let after = match q.get("after") {
+        None | Some("") => None,
+        Some(cursor) => {
+            let suffix = unhex(cursor).ok_or_else(|| {
+                ApiError::BadRequest("after must be a cursor returned as next".into())
+            })?;
+            Some([prefix.as_slice(), &suffix].concat())
+        }
+    };
+    let listing = state
+        .service
+        .list(&context, family.as_deref(), read, after, limit)
+        .await?;
+    let entries = listing
+        .entries
+        .iter()
+        .map(entry_body)
+        .collect::<Result<Vec<_>, _>>()?;
+    let next = listing
+        .next
+        .map(|k| hex(k.strip_prefix(prefix.as_slice()).unwrap_or(&k)));
+    Ok(Json(serde_json::json!({"entries": entries, "next": next})).into_response())
+}
+
+/// `GET /v1/kv/{context}`: the context's visible entries, paginated.
+pub async fn list_context(
+    State(state): State<Shared>,
+    p: Result<Path<String>, PathRejection>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    list(state, path(p)?, None, raw, headers).await
+}
+
+/// `GET /v1/kv/{context}/{family}`: the family's visible entries, paginated.
+pub async fn list_family(
+    State(state): State<Shared>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (c, f) = path(p)?;
+    list(state, c, Some(f), raw, headers).await
+}
+
+/// `GET /v1/kv/{context}/{family}/{key}/history`: recent changes, deletions included.
+pub async fn history(
+    State(state): State<Shared>,
+    EntryTarget { key, query: q }: EntryTarget,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let read = header_token(&headers, READ_TOKEN)?;
+    let limit = page_limit(&q)?;
+    let items = state.service.history(&key, read, limit).await?;
+    let events: Vec<serde_json::Value> = items
+        .into_iter()
+        .map(|i| {
+            let value = i
+                .value
+                .and_then(|v| RawValue::from_string(v).ok())
+                .map(|v| serde_json::to_value(v).unwrap_or(serde_json::Value::Null));
+            serde_json::json!({
+                "revision": i.revision,
+                "kind": match i.kind { EventKind::Put => "put", EventKind::Delete => "delete" },
+                "at": rfc3339(i.at_ms),
+                "value": value,
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "context": key.context, "family": key.family, "key": key.key, "events": events
+    }))
+    .into_response())
+}
+
+/// `POST /v1/kv/{context}/{family}/{key}/keepalive`: renews the entry's lease.
+pub async fn keep_alive(
+    State(state): State<Shared>,
+    EntryTarget { key, .. }: EntryTarget,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (read, write) = token_pair(&headers)?;
+    let (revision, lease) = state.service.keep_alive(&key, read, write).await?;
+    Ok(Json(serde_json::json!({
+        "revision": revision,
+        "ttl_seconds": lease.ttl.as_secs_f64(),
+        "expires_at": rfc3339(lease.expires_at_ms),
+    }))
+    .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip() {
+        let k = b"some\0key\xff".to_vec();
+        assert_eq!(unhex(&hex(&k)), Some(k));
+        assert_eq!(unhex("abc"), None);
+        assert_eq!(unhex("zz"), None);
+    }
+}

@@ -1,0 +1,597 @@
+//! The metadata service: every operation both APIs offer, with its access checks.
+//!
+//! The HTTP handlers parse a request into names, tokens and options, call one method
+//! here, and render the answer in their own dialect. Everything that decides who may
+//! do what, and every interaction with the store, lives here, written once.
+
+use crate::error::ApiError;
+use amphora_model::{
+    ENTRY_NAMESPACE, EntryKey, Limits, ModelError, NameKind, Record, TokenHash, TokenHasher,
+    TokenRole, check_token_strength, context_prefix, family_prefix, validate_name,
+};
+use amphora_store::{
+    Condition, EventKind, KeyValue, Lease, LeaseChoice, Put, Revision, Store, StoreError, now_ms,
+};
+use dashmap::DashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How many times an update is retried when another writer changed the entry
+/// between our read and our compare-and-set.
+const MAX_RETRIES: usize = 16;
+
+/// Runtime settings of the service.
+#[derive(Debug, Clone)]
+pub struct ServiceSettings {
+    /// Name and value limits.
+    pub limits: Limits,
+    /// Refuse weak tokens (COMET's rule).
+    pub check_token_strength: bool,
+    /// COMET's idle expiry `E`: an entry not accessed for `2 × E` is removed.
+    /// Zero switches it off.
+    pub idle_expiry: Duration,
+    /// The most entries one COMET enumerateScope answers.
+    pub max_enumerate: usize,
+}
+
+/// An entry as the APIs show it.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Its names.
+    pub key: EntryKey,
+    /// The value as JSON text.
+    pub value: String,
+    /// The revision of its last change.
+    pub revision: Revision,
+    /// Creation time, ms since the Unix epoch.
+    pub created_at_ms: u64,
+    /// Last write, ms since the Unix epoch.
+    pub updated_at_ms: u64,
+    /// Lease expiry, ms since the Unix epoch.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// Options of a write.
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    /// Compare-and-set: the entry's current revision must be this.
+    pub if_match: Option<Revision>,
+    /// Create only: refuse when the entry exists.
+    pub create_only: bool,
+    /// Attach the entry to a new lease of this duration.
+    pub ttl: Option<Duration>,
+}
+
+/// The result of a write.
+#[derive(Debug, Clone, Copy)]
+pub struct Written {
+    /// The revision of the change.
+    pub revision: Revision,
+    /// True when the write created the entry.
+    pub created: bool,
+}
+
+/// One item of an entry's history.
+#[derive(Debug, Clone)]
+pub struct HistoryItem {
+    /// Revision of the change.
+    pub revision: Revision,
+    /// Put or delete.
+    pub kind: EventKind,
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// The value written (JSON text), for a put.
+    pub value: Option<String>,
+}
+
+/// A page of a listing.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Visible entries, in order.
+    pub entries: Vec<Entry>,
+    /// Store key to continue after, when more may follow.
+    pub next: Option<Vec<u8>>,
+}
+
+/// Tracks the last access of each entry for COMET's idle expiry.
+///
+/// Accesses are kept in memory (a sharded map, no global lock): writing an access
+/// time to disk on every read would turn reads into writes. After a restart every
+/// entry counts as accessed at start-up, so a restart never makes an entry expire
+/// early.
+struct IdleTracker {
+    window_ms: u64,
+    started_ms: u64,
+    last_access: DashMap<Vec<u8>, u64>,
+}
+
+impl IdleTracker {
+    fn last(&self, key: &[u8], updated_ms: u64) -> u64 {
+        let seen = self.last_access.get(key).map(|v| *v).unwrap_or(0);
+        seen.max(updated_ms).max(self.started_ms)
+    }
+
+    fn expired(&self, key: &[u8], updated_ms: u64, now: u64) -> bool {
+        now.saturating_sub(self.last(key, updated_ms)) >= self.window_ms
+    }
+
+    fn touch(&self, key: &[u8], now: u64) {
+        self.last_access.insert(key.to_vec(), now);
+    }
+}
+
+/// The service shared by every request.
+pub struct Service {
+    store: Arc<dyn Store>,
+    hasher: TokenHasher,
+    settings: ServiceSettings,
+    idle: Option<IdleTracker>,
+}
+
+fn corrupted(e: ModelError) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+impl Service {
+    /// A service over `store`, hashing tokens with `server_key`.
+    pub fn new(store: Arc<dyn Store>, server_key: &[u8; 32], settings: ServiceSettings) -> Self {
+        let idle = (!settings.idle_expiry.is_zero()).then(|| IdleTracker {
+            window_ms: (settings.idle_expiry.as_millis() as u64).saturating_mul(2),
+            started_ms: now_ms(),
+            last_access: DashMap::new(),
+        });
+        Service {
+            store,
+            hasher: TokenHasher::new(server_key),
+            settings,
+            idle,
+        }
+    }
+
+    /// The store, for health checks and metrics.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &ServiceSettings {
+        &self.settings
+    }
+
+    /// Validates the three names of an entry.
+    pub fn entry_key(&self, context: &str, family: &str, key: &str) -> Result<EntryKey, ApiError> {
+        let l = &self.settings.limits;
+        validate_name(NameKind::Context, context, l).map_err(ApiError::InvalidName)?;
+        validate_name(NameKind::Family, family, l).map_err(ApiError::InvalidName)?;
+        validate_name(NameKind::Key, key, l).map_err(ApiError::InvalidName)?;
+        Ok(EntryKey::new(context, family, key))
+    }
+
+    /// Validates a context name.
+    pub fn context_name(&self, context: &str) -> Result<(), ApiError> {
+        validate_name(NameKind::Context, context, &self.settings.limits)
+            .map_err(ApiError::InvalidName)
+    }
+
+    /// Validates a family name.
+    pub fn family_name(&self, family: &str) -> Result<(), ApiError> {
+        validate_name(NameKind::Family, family, &self.settings.limits)
+            .map_err(ApiError::InvalidName)
+    }
+
+    /// Checks a value's size against the limit.
+    pub fn check_value(&self, len: usize) -> Result<(), ApiError> {
+        self.settings
+            .limits
+            .check_value_len(len)
+            .map_err(ApiError::ValueTooLarge)
+    }
+
+    fn token(&self, role: TokenRole, token: &str) -> Result<TokenHash, ApiError> {
+        if self.settings.check_token_strength {
+            check_token_strength(role, token).map_err(ApiError::InvalidToken)?;
+        }
+        Ok(self.hasher.hash(token))
+    }
+
+    fn token_pair(&self, read: &str, write: &str) -> Result<(TokenHash, TokenHash), ApiError> {
+        if read == write {
+            return Err(ApiError::InvalidToken(ModelError::EqualTokens));
+        }
+        Ok((
+            self.token(TokenRole::Read, read)?,
+            self.token(TokenRole::Write, write)?,
+        ))
+    }
+
+    /// Decodes a stored entry; `None` when idle expiry has already claimed it.
+    fn live(&self, kv: &KeyValue, now: u64) -> Result<Option<Record>, ApiError> {
+        let record = Record::decode(&kv.value).map_err(corrupted)?;
+        if let Some(idle) = &self.idle
+            && idle.expired(&kv.key, record.updated_at_ms, now)
+        {
+            return Ok(None);
+        }
+        Ok(Some(record))
+    }
+
+    fn touch(&self, key: &[u8], now: u64) {
+        if let Some(idle) = &self.idle {
+            idle.touch(key, now);
+        }
+    }
+
+    async fn entry(&self, key: EntryKey, kv: &KeyValue, record: Record) -> Result<Entry, ApiError> {
+        let expires_at_ms = match kv.lease {
+            Some(id) => self.store.lease(id).await?.map(|l| l.expires_at_ms),
+            None => None,
+        };
+        Ok(Entry {
+            key,
+            value: record.value,
+            revision: kv.mod_revision,
+            created_at_ms: record.created_at_ms,
+            updated_at_ms: record.updated_at_ms,
+            expires_at_ms,
+        })
+    }
+
+    /// Reads an entry; `None` when it does not exist or the read token is not its own.
+    pub async fn read(&self, key: &EntryKey, read: &str) -> Result<Option<Entry>, ApiError> {
+        let read = self.token(TokenRole::Read, read)?;
+        let encoded = key.encode();
+        let now = now_ms();
+        let Some(kv) = self.store.get(&encoded).await? else {
+            return Ok(None);
+        };
+        let Some(record) = self.live(&kv, now)? else {
+            return Ok(None);
+        };
+        if !record.readable_with(&read) {
+            return Ok(None);
+        }
+        self.touch(&encoded, now);
+        self.entry(key.clone(), &kv, record).await.map(Some)
+    }
+
+    /// Creates or modifies an entry. Creating needs both tokens; modifying needs the
+    /// entry's own tokens.
+    pub async fn write(
+        &self,
+        key: &EntryKey,
+        value: String,
+        read: &str,
+        write: &str,
+        options: &WriteOptions,
+    ) -> Result<Written, ApiError> {
+        self.check_value(value.len())?;
+        let (read, write) = self.token_pair(read, write)?;
+        let encoded = key.encode();
+        for _ in 0..MAX_RETRIES {
+            let now = now_ms();
+            let current = self.store.get(&encoded).await?;
+            let live = match &current {
+                Some(kv) => self.live(kv, now)?.map(|r| (kv, r)),
+                None => None,
+            };
+            let (record, condition, created, old_lease) = match live {
+                None => {
+                    if options.if_match.is_some() {
+                        return Err(ApiError::PreconditionFailed(
+                            "If-Match given but the entry does not exist".into(),
+                        ));
+                    }
+                    let record = Record {
+                        created_at_ms: now,
+                        updated_at_ms: now,
+                        read_hash: read,
+                        write_hash: write,
+                        value: value.clone(),
+                    };
+                    // An idle-expired entry still stored is replaced by revision.
+                    let condition = current
+                        .as_ref()
+                        .map(|kv| Condition::Revision(kv.mod_revision))
+                        .unwrap_or(Condition::Absent);
+                    (record, condition, true, None)
+                }
+                Some((kv, old)) => {
+                    if options.create_only {
+                        return Err(ApiError::PreconditionFailed(
+                            "If-None-Match: * given but the entry exists".into(),
+                        ));
+                    }
+                    if !old.writable_with(&read, &write) {
+                        return Err(ApiError::Forbidden);
+                    }
+                    if let Some(want) = options.if_match
+                        && want != kv.mod_revision
+                    {
+                        return Err(ApiError::PreconditionFailed(format!(
+                            "If-Match: {want} but the entry is at revision {}",
+                            kv.mod_revision
+                        )));
+                    }
+                    let record = Record {
+                        updated_at_ms: now,
+                        value: value.clone(),
+                        ..old
+                    };
+                    (
+                        record,
+                        Condition::Revision(kv.mod_revision),
+                        false,
+                        kv.lease,
+                    )
+                }
+            };
+            let lease = match options.ttl {
+                Some(ttl) => LeaseChoice::Set(self.store.grant_lease(ttl).await?.id),
+                None => LeaseChoice::Keep,
+            };
+            let put = Put {
+                key: encoded.clone(),
+                value: record.encode(),
+                condition,
+                lease,
+            };
+            match self.store.put(put).await {
+                Ok(revision) => {
+                    if let (LeaseChoice::Set(_), Some(old)) = (lease, old_lease) {
+                        // The entry moved to its new lease; the old one holds nothing now.
+                        let _ = self.store.revoke_lease(old).await;
+                    }
+                    self.touch(&encoded, now);
+                    return Ok(Written { revision, created });
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    if let LeaseChoice::Set(id) = lease {
+                        let _ = self.store.revoke_lease(id).await;
+                    }
+                    if options.if_match.is_some() {
+                        return Err(ApiError::PreconditionFailed(
+                            "the entry changed concurrently".into(),
+                        ));
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::Conflict(
+            "the entry is being changed by many writers at once; retry".into(),
+        ))
+    }
+
+    /// The live entry under `encoded` when both tokens are its own: 404 when it does
+    /// not exist, 403 when the tokens are not its own.
+    async fn owned(
+        &self,
+        encoded: &[u8],
+        read: &TokenHash,
+        write: &TokenHash,
+    ) -> Result<KeyValue, ApiError> {
+        let Some(kv) = self.store.get(encoded).await? else {
+            return Err(ApiError::NotFound);
+        };
+        let Some(record) = self.live(&kv, now_ms())? else {
+            return Err(ApiError::NotFound);
+        };
+        if !record.writable_with(read, write) {
+            return Err(ApiError::Forbidden);
+        }
+        Ok(kv)
+    }
+
+    /// Deletes an entry with its tokens.
+    pub async fn delete(
+        &self,
+        key: &EntryKey,
+        read: &str,
+        write: &str,
+    ) -> Result<Revision, ApiError> {
+        let (read, write) = self.token_pair(read, write)?;
+        let encoded = key.encode();
+        for _ in 0..MAX_RETRIES {
+            let kv = self.owned(&encoded, &read, &write).await?;
+            match self
+                .store
+                .delete(&encoded, Condition::Revision(kv.mod_revision))
+                .await
+            {
+                Ok(Some(revision)) => {
+                    if let Some(idle) = &self.idle {
+                        idle.last_access.remove(&encoded);
+                    }
+                    return Ok(revision);
+                }
+                Ok(None) => return Err(ApiError::NotFound),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::Conflict(
+            "the entry is being changed by many writers at once; retry".into(),
+        ))
+    }
+
+    /// Lists the entries of a context (or of one family) visible to the read token.
+    ///
+    /// Invisible entries are skipped; to bound the work of one request, at most
+    /// `limit × 10 + 100` entries are examined, and `next` tells where to go on.
+    pub async fn list(
+        &self,
+        context: &str,
+        family: Option<&str>,
+        read: &str,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Listing, ApiError> {
+        let read = self.token(TokenRole::Read, read)?;
+        let prefix = match family {
+            Some(f) => family_prefix(context, f),
+            None => context_prefix(context),
+        };
+        let mut budget = limit.saturating_mul(10).saturating_add(100);
+        let mut after = after;
+        let mut listing = Listing::default();
+        loop {
+            let chunk = (limit - listing.entries.len() + 1).min(budget).max(1);
+            let page = self.store.range(&prefix, after.as_deref(), chunk).await?;
+            let now = now_ms();
+            for kv in &page.items {
+                budget = budget.saturating_sub(1);
+                after = Some(kv.key.clone());
+                let Some(record) = self.live(kv, now)? else {
+                    continue;
+                };
+                if !record.readable_with(&read) {
+                    continue;
+                }
+                if listing.entries.len() == limit {
+                    // One more visible entry exists: continue after the last returned.
+                    listing.next = listing.entries.last().map(|e| e.key.encode());
+                    return Ok(listing);
+                }
+                self.touch(&kv.key, now);
+                let key = EntryKey::decode(&kv.key).map_err(corrupted)?;
+                listing.entries.push(self.entry(key, kv, record).await?);
+            }
+            if !page.more {
+                return Ok(listing);
+            }
+            if budget == 0 {
+                listing.next = after;
+                return Ok(listing);
+            }
+        }
+    }
+
+    /// Every visible entry of a context or family, for COMET's enumerateScope, which
+    /// has no pagination. Refused beyond `max_enumerate` entries.
+    pub async fn enumerate(
+        &self,
+        context: &str,
+        family: Option<&str>,
+        read: &str,
+    ) -> Result<Vec<Entry>, ApiError> {
+        let max = self.settings.max_enumerate;
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.list(context, family, read, after, 1000).await?;
+            out.extend(page.entries);
+            if out.len() > max {
+                return Err(ApiError::BodyTooLarge(max));
+            }
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// The recent changes of an entry. Visible to whoever holds the read token of
+    /// the incarnation a change belongs to, deletions included.
+    pub async fn history(
+        &self,
+        key: &EntryKey,
+        read: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryItem>, ApiError> {
+        let read = self.token(TokenRole::Read, read)?;
+        let events = self.store.history(&key.encode(), limit).await?;
+        // Walk oldest to newest so each deletion knows whose entry it ended.
+        let mut visible = Vec::new();
+        let mut owner_matches = false;
+        for event in events.into_iter().rev() {
+            match event.kind {
+                EventKind::Put => {
+                    let record = Record::decode(&event.value).map_err(corrupted)?;
+                    owner_matches = record.readable_with(&read);
+                    if owner_matches {
+                        visible.push(HistoryItem {
+                            revision: event.revision,
+                            kind: event.kind,
+                            at_ms: event.at_ms,
+                            value: Some(record.value),
+                        });
+                    }
+                }
+                EventKind::Delete => {
+                    if owner_matches {
+                        visible.push(HistoryItem {
+                            revision: event.revision,
+                            kind: event.kind,
+                            at_ms: event.at_ms,
+                            value: None,
+                        });
+                    }
+                    owner_matches = false;
+                }
+            }
+        }
+        if visible.is_empty() {
+            return Err(ApiError::NotFound);
+        }
+        visible.reverse();
+        Ok(visible)
+    }
+
+    /// Renews the lease of an entry.
+    pub async fn keep_alive(
+        &self,
+        key: &EntryKey,
+        read: &str,
+        write: &str,
+    ) -> Result<(Revision, Lease), ApiError> {
+        let (read, write) = self.token_pair(read, write)?;
+        let encoded = key.encode();
+        let kv = self.owned(&encoded, &read, &write).await?;
+        let now = now_ms();
+        let Some(lease) = kv.lease else {
+            return Err(ApiError::Conflict(
+                "the entry has no lease; write it with ?ttl= to give it one".into(),
+            ));
+        };
+        let lease = match self.store.keep_alive(lease).await {
+            Ok(l) => l,
+            Err(StoreError::LeaseNotFound(_)) => return Err(ApiError::NotFound),
+            Err(e) => return Err(e.into()),
+        };
+        self.touch(&encoded, now);
+        Ok((kv.mod_revision, lease))
+    }
+
+    /// One sweep of COMET's idle expiry: removes every stored entry idle for `2 × E`.
+    /// Answers how many were removed.
+    pub async fn sweep_idle(&self) -> Result<usize, ApiError> {
+        let Some(idle) = &self.idle else { return Ok(0) };
+        let mut removed = 0;
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .store
+                .range(ENTRY_NAMESPACE, after.as_deref(), 1000)
+                .await?;
+            let now = now_ms();
+            for kv in &page.items {
+                let record = Record::decode(&kv.value).map_err(corrupted)?;
+                if idle.expired(&kv.key, record.updated_at_ms, now) {
+                    // By revision: an entry written meanwhile is not removed.
+                    if let Ok(Some(_)) = self
+                        .store
+                        .delete(&kv.key, Condition::Revision(kv.mod_revision))
+                        .await
+                    {
+                        removed += 1;
+                        idle.last_access.remove(&kv.key);
+                    }
+                }
+            }
+            match (page.more, page.items.last()) {
+                (true, Some(last)) => after = Some(last.key.clone()),
+                _ => return Ok(removed),
+            }
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! End-to-end tests of the native API, health, metrics and shutdown, against the
+//! real binary over real HTTP.
+
+mod common;
+
+use common::{READ, Server, WRITE, client};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+async fn put(
+    c: &reqwest::Client,
+    url: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut req = c
+        .put(url)
+        .header("Amphora-Read-Token", READ)
+        .header("Amphora-Write-Token", WRITE)
+        .json(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
+async fn get_json(c: &reqwest::Client, url: &str, read: &str) -> (u16, Value) {
+    let r = c
+        .get(url)
+        .header("Amphora-Read-Token", read)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn create_read_replace_cas_delete_and_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("d"), &[]);
+    let c = client();
+    let url = s.url("/v1/kv/ctx/config/db");
+
+    let r = put(&c, &url, &json!({"host": "db1", "port": 5432}), &[]).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["etag"], "\"1\"");
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!({"revision": 1, "created": true})
+    );
+
+    let (status, body) = get_json(&c, &url, READ).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["value"], json!({"host": "db1", "port": 5432}));
+    assert_eq!(
+        (&body["context"], &body["family"], &body["key"]),
+        (&json!("ctx"), &json!("config"), &json!("db"))
+    );
+    assert_eq!(body["revision"], 1);
+    assert_eq!(body["expires_at"], Value::Null);
+    assert_eq!(body["created_at"], body["updated_at"]);
+
+    // A wrong read token: the entry does not exist for that caller.
+    assert_eq!(get_json(&c, &url, "OtherToken1").await.0, 404);
+
+    // Replace, then compare-and-set on a stale and on the current revision.
+    let r = put(&c, &url, &json!("v2"), &[]).await;
+    assert_eq!(
+        (r.status().as_u16(), r.headers()["etag"].to_str().unwrap()),
+        (200, "\"2\"")
+    );
+    let r = put(&c, &url, &json!("stale"), &[("If-Match", "\"1\"")]).await;
+    assert_eq!(r.status(), 412);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "precondition_failed"
+    );
+    let r = put(&c, &url, &json!("v3"), &[("If-Match", "\"2\"")]).await;
+    assert_eq!(r.status(), 200);
+    let r = put(&c, &url, &json!("dup"), &[("If-None-Match", "*")]).await;
+    assert_eq!(r.status(), 412);
+    let r = put(
+        &c,
+        &s.url("/v1/kv/ctx/config/new"),
+        &json!(1),
+        &[("If-None-Match", "*")],
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+
+    let (_, body) = get_json(&c, &url, READ).await;
+    assert_eq!(body["value"], "v3");
+    assert_ne!(body["created_at"], Value::Null);
+
+    // Modifying with the wrong write token changes nothing.
+    let r = c
+        .put(&url)
+        .header("Amphora-Read-Token", READ)
+        .header("Amphora-Write-Token", "WrongToken9")
+        .json(&json!("evil"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(get_json(&c, &url, READ).await.1["value"], "v3");
+
+    let del = |w: &'static str| {
+        c.delete(&url)
+            .header("Amphora-Read-Token", READ)
+            .header("Amphora-Write-Token", w)
+            .send()
+    };
+    assert_eq!(del("WrongToken9").await.unwrap().status(), 403);
+    let r = del(WRITE).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"revision": 5}));
+    assert_eq!(get_json(&c, &url, READ).await.0, 404);
+    assert_eq!(del(WRITE).await.unwrap().status(), 404);
+
+    let (status, hist) = get_json(&c, &format!("{url}/history"), READ).await;
+    assert_eq!(status, 200);
+    let kinds: Vec<(u64, &str)> = hist["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["revision"].as_u64().unwrap(), e["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(kinds, [(5, "delete"), (3, "put"), (2, "put"), (1, "put")]);
+    assert_eq!(hist["events"][1]["value"], "v3");
+    assert_eq!(
+        get_json(&c, &format!("{url}/history"), "OtherToken1")
+            .await
+            .0,
+        404
+    );
+}
+
+#[tokio::test]
+async fn listing_is_ordered_paginated_and_filtered_by_read_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("d"), &[]);
+    let c = client();
+    for k in ["e", "a", "d", "b", "c"] {
+        assert_eq!(
+            put(&c, &s.url(&format!("/v1/kv/ctx/f1/{k}")), &json!(k), &[])
+                .await
+                .status(),
+            201
+        );
+    }
+    for k in ["x", "y"] {
+        put(&c, &s.url(&format!("/v1/kv/ctx/f2/{k}")), &json!(k), &[]).await;
+    }
+    // Someone else's entry in the same family, and an entry of another context.
+    let r = c
+        .put(s.url("/v1/kv/ctx/f1/bb"))
+        .header("Amphora-Read-Token", "OtherRead1")
+        .header("Amphora-Write-Token", "OtherWrite1")
+        .json(&json!("hidden"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    put(&c, &s.url("/v1/kv/ctx2/f1/a"), &json!("elsewhere"), &[]).await;
+
+    let mut keys = Vec::new();
+    let mut after = String::new();
+    let mut pages = 0;
+    loop {
+        let (status, page) = get_json(
+            &c,
+            &s.url(&format!("/v1/kv/ctx/f1?limit=2&after={after}")),
+            READ,
+        )
+        .await;
+        assert_eq!(status, 200);
+        pages += 1;
+        let entries = page["entries"].as_array().unwrap();
+        assert!(entries.len() <= 2);
+        keys.extend(
+            entries
+                .iter()
+                .map(|e| e["key"].as_str().unwrap().to_owned()),
+        );
+        match page["next"].as_str() {
+            Some(n) => after = n.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(keys, ["a", "b", "c", "d", "e"]);
+    assert_eq!(pages, 3);
+
+    let (_, all) = get_json(&c, &s.url("/v1/kv/ctx"), READ).await;
+    let names: Vec<String> = all["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}/{}",
+                e["family"].as_str().unwrap(),
+                e["key"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        ["f1/a", "f1/b", "f1/c", "f1/d", "f1/e", "f2/x", "f2/y"]
+    );
+    assert_eq!(all["next"], Value::Null);
+    let (_, other) = get_json(&c, &s.url("/v1/kv/ctx"), "OtherRead1").await;
+    assert_eq!(other["entries"].as_array().unwrap().len(), 1);
+    assert_eq!(other["entries"][0]["value"], "hidden");
+}
+
+#[tokio::test]
+async fn lease_expires_for_every_reader_and_keepalive_renews_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("d"), &[]);
+    let c = client();
+    let kept = s.url("/v1/kv/ctx/nodes/kept");
+    let left = s.url("/v1/kv/ctx/nodes/left");
+    assert_eq!(
+        put(&c, &format!("{kept}?ttl=1500ms"), &json!("k"), &[])
+            .await
+            .status(),
+        201
+    );
+    assert_eq!(
+        put(&c, &format!("{left}?ttl=1500ms"), &json!("l"), &[])
+            .await
+            .status(),
+        201
+    );
+    let (_, body) = get_json(&c, &kept, READ).await;
+    assert_ne!(body["expires_at"], Value::Null);
+
+    let keepalive = || {
+        c.post(format!("{kept}/keepalive"))
+            .header("Amphora-Read-Token", READ)
+            .header("Amphora-Write-Token", WRITE)
+            .send()
+    };
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let r = keepalive().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["ttl_seconds"], 1.5);
+    }
+    // 2.4 s after the writes: the renewed entry lives, the other one has expired.
+    assert_eq!(get_json(&c, &kept, READ).await.0, 200);
+    assert_eq!(get_json(&c, &left, READ).await.0, 404);
+    let (_, listing) = get_json(&c, &s.url("/v1/kv/ctx/nodes"), READ).await;
+    assert_eq!(listing["entries"].as_array().unwrap().len(), 1);
+
+    // The sweep records the expiry as a deletion in the history.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (_, hist) = get_json(&c, &format!("{left}/history"), READ).await;
+    assert_eq!(hist["events"][0]["kind"], "delete");
+
+    // An entry without a lease cannot be kept alive.
+    put(&c, &s.url("/v1/kv/ctx/nodes/plain"), &json!(1), &[]).await;
+    let r = c
+        .post(s.url("/v1/kv/ctx/nodes/plain/keepalive"))
+        .header("Amphora-Read-Token", READ)
+        .header("Amphora-Write-Token", WRITE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+}
+
+#[tokio::test]
+async fn both_apis_see_the_same_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("d"), &[]);
+    let c = client();
+    let body = r#"{"val_": "[{\"hostName\": \"n1\"}]"}"#;
+    let r = c
+        .post(s.url(&format!(
+            "//writeScope?contextID=ctx&family=hostsall&Key=n1&readToken={READ}&writeToken={WRITE}"
+        )))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, native) = get_json(&c, &s.url("/v1/kv/ctx/hostsall/n1"), READ).await;
+    assert_eq!(native["value"], body);
+
+    put(
+        &c,
+        &s.url("/v1/kv/ctx/hostsall/n2"),
+        &json!({"ip": "10.0.0.2"}),
+        &[],
+    )
+    .await;
+    let r: Value = c
+        .get(s.url(&format!(
+            "/readScope?contextID=ctx&family=hostsall&Key=n2&readToken={READ}"
+        )))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["value"]["value"], r#"{"ip":"10.0.0.2"}"#);
+}
+
+#[tokio::test]
+async fn health_readiness_metrics_and_graceful_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let mut s = Server::start(&data, &[]);
+    let c = client();
+    let r = c.get(s.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"status": "ok"}));
+    put(&c, &s.url("/v1/kv/ctx/f/k"), &json!(1), &[]).await;
+    let r: Value = c
+        .get(s.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            r["status"].as_str(),
+            r["revision"].as_u64(),
+            r["entries"].as_u64()
+        ),
+        (Some("ready"), Some(1), Some(1))
+    );
+
+    let text = c
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "amphora_http_requests_total{endpoint=\"kv_entry\",method=\"PUT\",status=\"201\"} 1",
+        "amphora_http_request_duration_seconds_bucket",
+        "amphora_store_commit_batch_size_count",
+        "amphora_store_entries 1",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
+    }
+    let r = c
+        .get(s.url("/healthz"))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "trace-me-42");
+    assert!(
+        s.log_text().contains("trace-me-42"),
+        "request id reaches the log"
+    );
+
+    let status = s
+        .terminate(Duration::from_secs(15))
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert!(s.log_text().contains("shut down cleanly"));
+    let s2 = Server::start(&data, &[]);
+    let (status, body) = get_json(&c, &s2.url("/v1/kv/ctx/f/k"), READ).await;
+    assert_eq!((status, &body["value"]), (200, &json!(1)));
+}
