@@ -4,7 +4,7 @@
 //! `{"status", "message", "value", "version"}`.
 
 use crate::error::ApiError;
-use crate::http::{Shared, read_body};
+use crate::http::{CometCaller, Shared, read_body};
 use crate::query::Query;
 use crate::service::{Entry, WriteOptions};
 use amphora_model::EntryKey;
@@ -39,12 +39,7 @@ pub fn error(e: ApiError) -> Response {
         })),
     )
         .into_response();
-    if status == axum::http::StatusCode::TOO_MANY_REQUESTS {
-        response.headers_mut().insert(
-            axum::http::header::RETRY_AFTER,
-            axum::http::HeaderValue::from_static("1"),
-        );
-    }
+    crate::http::error_headers(&mut response, &e);
     response
 }
 
@@ -77,6 +72,7 @@ fn entry_key(state: &Shared, q: &Query) -> Result<EntryKey, ApiError> {
 /// `POST /writeScope`: create or modify an entry; the body is stored verbatim.
 pub async fn write_scope(
     State(state): State<Shared>,
+    CometCaller(caller): CometCaller,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
     body: Body,
@@ -94,7 +90,7 @@ pub async fn write_scope(
             let value = serde_json::to_string(&text).expect("a string always serializes");
             state
                 .service
-                .write(&key, value, read, write, &WriteOptions::default())
+                .write(&caller, &key, value, read, write, &WriteOptions::default())
                 .await?;
             Ok(json!({"Success": "Scope written"}))
         }
@@ -103,13 +99,17 @@ pub async fn write_scope(
 }
 
 /// `GET /readScope`: one entry, or `{}` when it is not visible with this read token.
-pub async fn read_scope(State(state): State<Shared>, RawQuery(raw): RawQuery) -> Response {
+pub async fn read_scope(
+    State(state): State<Shared>,
+    CometCaller(caller): CometCaller,
+    RawQuery(raw): RawQuery,
+) -> Response {
     respond(
         async {
             let q = Query::parse(raw.as_deref())?;
             let key = entry_key(&state, &q)?;
             let read = q.require("readToken")?;
-            Ok(match state.service.read(&key, read).await? {
+            Ok(match state.service.read(&caller, &key, read).await? {
                 Some(e) => json!({
                     "contextId": e.key.context, "family": e.key.family,
                     "key": e.key.key, "value": comet_string(&e),
@@ -122,7 +122,11 @@ pub async fn read_scope(State(state): State<Shared>, RawQuery(raw): RawQuery) ->
 }
 
 /// `GET /enumerateScope`: the visible entries of a context, or of one family.
-pub async fn enumerate_scope(State(state): State<Shared>, RawQuery(raw): RawQuery) -> Response {
+pub async fn enumerate_scope(
+    State(state): State<Shared>,
+    CometCaller(caller): CometCaller,
+    RawQuery(raw): RawQuery,
+) -> Response {
     respond(
         async {
             let q = Query::parse(raw.as_deref())?;
@@ -136,7 +140,7 @@ pub async fn enumerate_scope(State(state): State<Shared>, RawQuery(raw): RawQuer
                 }
                 _ => None,
             };
-            let entries = state.service.enumerate(c, family, read).await?;
+            let entries = state.service.enumerate(&caller, c, family, read).await?;
             Ok(match family {
                 Some(f) => json!({
                     "contextId": c, "family": f,
@@ -157,13 +161,17 @@ pub async fn enumerate_scope(State(state): State<Shared>, RawQuery(raw): RawQuer
 }
 
 /// `DELETE /deleteScope`: removes an entry for every reader at once.
-pub async fn delete_scope(State(state): State<Shared>, RawQuery(raw): RawQuery) -> Response {
+pub async fn delete_scope(
+    State(state): State<Shared>,
+    CometCaller(caller): CometCaller,
+    RawQuery(raw): RawQuery,
+) -> Response {
     respond(
         async {
             let q = Query::parse(raw.as_deref())?;
             let key = entry_key(&state, &q)?;
             let (read, write) = (q.require("readToken")?, q.require("writeToken")?);
-            state.service.delete(&key, read, write).await?;
+            state.service.delete(&caller, &key, read, write).await?;
             Ok(json!({"Success": "Scope deleted"}))
         }
         .await,

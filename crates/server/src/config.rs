@@ -5,7 +5,7 @@
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -61,6 +61,65 @@ pub struct ServeOptions {
     /// Log format: text or json [default: text].
     #[arg(long, env = "AMPHORA_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+
+    /// The server's certificate chain (PEM). With --tls-key, serves HTTPS.
+    #[arg(long, env = "AMPHORA_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The server's private key (PEM).
+    #[arg(long, env = "AMPHORA_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The authority (PEM) that signs trusted client certificates.
+    #[arg(long, env = "AMPHORA_CLIENT_CA", value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
+
+    /// Creating and deleting need a trusted client certificate [default: true with
+    /// --client-ca, false without]. Also read from COMET_CHECK_CLIENT_CERT.
+    #[arg(long, env = "AMPHORA_CHECK_CLIENT_CERT", num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub check_client_cert: Option<bool>,
+
+    /// Write an audit log (JSON lines) to FILE, or to standard output with `-`.
+    #[arg(long, env = "AMPHORA_AUDIT_LOG", value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
+
+    /// A file holding the admin token (sent as `Authorization: Bearer`).
+    #[arg(long, env = "AMPHORA_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// A client certificate subject with admin rights, as the audit log shows it
+    /// (for example `CN=ops, O=Example`). Repeatable.
+    #[arg(long, value_name = "SUBJECT")]
+    pub admin_subject: Option<Vec<String>>,
+
+    /// A reverse proxy whose X-Forwarded-For is believed. Repeatable.
+    #[arg(long, value_name = "IP")]
+    pub trusted_proxy: Option<Vec<IpAddr>>,
+
+    /// Token failures from one address on one context before it is refused for a while [default: 10].
+    #[arg(long, env = "AMPHORA_MAX_TOKEN_FAILURES", value_name = "N")]
+    pub max_token_failures: Option<u32>,
+
+    /// How long token failures are remembered [default: 60s].
+    #[arg(long, env = "AMPHORA_TOKEN_FAILURE_WINDOW", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "duration::opt")]
+    pub token_failure_window: Option<Duration>,
+
+    /// How long a blocked address is refused on that context [default: 60s].
+    #[arg(long, env = "AMPHORA_TOKEN_FAILURE_BLOCK", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "duration::opt")]
+    pub token_failure_block: Option<Duration>,
+}
+
+/// TLS files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+    /// Client CA.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// How log lines are written.
@@ -109,6 +168,20 @@ pub struct Settings {
     pub max_enumerate: usize,
     /// Log format.
     pub log_format: LogFormat,
+    /// TLS, when configured.
+    pub tls: Option<TlsFiles>,
+    /// Creating and deleting need a trusted client certificate.
+    pub check_client_cert: bool,
+    /// Audit log target (`-` for stdout).
+    pub audit_log: Option<PathBuf>,
+    /// Admin token file.
+    pub admin_token_file: Option<PathBuf>,
+    /// Admin certificate subjects.
+    pub admin_subjects: Vec<String>,
+    /// Trusted reverse proxies.
+    pub trusted_proxies: Vec<IpAddr>,
+    /// Brute-force protection.
+    pub throttle: crate::throttle::ThrottleSettings,
 }
 
 fn parse_bool(name: &str, raw: &str) -> anyhow::Result<bool> {
@@ -124,6 +197,9 @@ fn comet_env(get: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<ServeOption
     let mut o = ServeOptions::default();
     if let Some(v) = get("COMET_CHECK_TOKEN_STRENGTH") {
         o.check_token_strength = Some(parse_bool("COMET_CHECK_TOKEN_STRENGTH", &v)?);
+    }
+    if let Some(v) = get("COMET_CHECK_CLIENT_CERT") {
+        o.check_client_cert = Some(parse_bool("COMET_CHECK_CLIENT_CERT", &v)?);
     }
     if let Some(v) = get("COMET_RECORD_EXPIRE_TIME") {
         let ms: u64 = v.trim().parse().with_context(|| {
@@ -149,6 +225,17 @@ impl ServeOptions {
             history_retention: self.history_retention.or(lower.history_retention),
             max_enumerate: self.max_enumerate.or(lower.max_enumerate),
             log_format: self.log_format.or(lower.log_format),
+            tls_cert: self.tls_cert.or(lower.tls_cert),
+            tls_key: self.tls_key.or(lower.tls_key),
+            client_ca: self.client_ca.or(lower.client_ca),
+            check_client_cert: self.check_client_cert.or(lower.check_client_cert),
+            audit_log: self.audit_log.or(lower.audit_log),
+            admin_token_file: self.admin_token_file.or(lower.admin_token_file),
+            admin_subject: self.admin_subject.or(lower.admin_subject),
+            trusted_proxy: self.trusted_proxy.or(lower.trusted_proxy),
+            max_token_failures: self.max_token_failures.or(lower.max_token_failures),
+            token_failure_window: self.token_failure_window.or(lower.token_failure_window),
+            token_failure_block: self.token_failure_block.or(lower.token_failure_block),
         }
     }
 
@@ -169,6 +256,23 @@ impl ServeOptions {
             None => ServeOptions::default(),
         };
         let o = self.or(comet_env(env)?).or(file);
+        let tls = match (o.tls_cert.clone(), o.tls_key.clone()) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca: o.client_ca.clone(),
+            }),
+            (None, None) => None,
+            _ => bail!("--tls-cert and --tls-key go together: give both, or neither"),
+        };
+        if tls.is_none() && o.client_ca.is_some() {
+            bail!("--client-ca needs TLS: give --tls-cert and --tls-key too");
+        }
+        let check_client_cert = o.check_client_cert.unwrap_or(o.client_ca.is_some());
+        if check_client_cert && o.client_ca.is_none() {
+            bail!("checking client certificates needs --client-ca (the authority that signs them)");
+        }
+        let defaults = crate::throttle::ThrottleSettings::default();
         let settings = Settings {
             data_dir: o.data_dir.unwrap_or_else(|| PathBuf::from("amphora-data")),
             listen: o
@@ -182,6 +286,17 @@ impl ServeOptions {
             history_retention: o.history_retention.unwrap_or(Duration::from_secs(3600)),
             max_enumerate: o.max_enumerate.unwrap_or(100_000),
             log_format: o.log_format.unwrap_or_default(),
+            tls,
+            check_client_cert,
+            audit_log: o.audit_log,
+            admin_token_file: o.admin_token_file,
+            admin_subjects: o.admin_subject.unwrap_or_default(),
+            trusted_proxies: o.trusted_proxy.unwrap_or_default(),
+            throttle: crate::throttle::ThrottleSettings {
+                max_failures: o.max_token_failures.unwrap_or(defaults.max_failures).max(1),
+                window: o.token_failure_window.unwrap_or(defaults.window),
+                block: o.token_failure_block.unwrap_or(defaults.block),
+            },
         };
         if settings.max_name_bytes == 0 || settings.max_value_bytes == 0 {
             bail!("max-name-bytes and max-value-bytes must be above zero");
@@ -189,10 +304,11 @@ impl ServeOptions {
         if settings.max_value_bytes > 64 * 1024 * 1024 {
             bail!("max-value-bytes is at most 64 MiB: larger values belong in the file repository");
         }
-        if !settings.listen.ip().is_loopback() && !settings.insecure {
+        if !settings.listen.ip().is_loopback() && !settings.insecure && settings.tls.is_none() {
             bail!(
                 "refusing to serve plain HTTP on {}: without TLS, tokens would cross the network in clear. \
-                 Listen on a loopback address, or pass --insecure if something else encrypts the traffic",
+                 Give --tls-cert and --tls-key, listen on a loopback address, or pass --insecure if something \
+                 else encrypts the traffic",
                 settings.listen
             );
         }
@@ -283,8 +399,66 @@ mod tests {
         assert!(open.clone().resolve_with(&env(&[])).is_err());
         let insecure = ServeOptions {
             insecure: Some(true),
-            ..open
+            ..open.clone()
         };
         assert!(insecure.resolve_with(&env(&[])).is_ok());
+        let tls = ServeOptions {
+            tls_cert: Some("c.pem".into()),
+            tls_key: Some("k.pem".into()),
+            ..open
+        };
+        assert!(tls.resolve_with(&env(&[])).is_ok());
+    }
+
+    #[test]
+    fn client_certificate_check_follows_the_client_ca() {
+        let tls = ServeOptions {
+            tls_cert: Some("c.pem".into()),
+            tls_key: Some("k.pem".into()),
+            ..Default::default()
+        };
+        assert!(
+            !tls.clone()
+                .resolve_with(&env(&[]))
+                .unwrap()
+                .check_client_cert
+        );
+        let with_ca = ServeOptions {
+            client_ca: Some("ca.pem".into()),
+            ..tls.clone()
+        };
+        assert!(
+            with_ca
+                .clone()
+                .resolve_with(&env(&[]))
+                .unwrap()
+                .check_client_cert
+        );
+        let off = env(&[("COMET_CHECK_CLIENT_CERT", "false")]);
+        assert!(
+            !with_ca
+                .clone()
+                .resolve_with(&off)
+                .unwrap()
+                .check_client_cert
+        );
+        let forced = ServeOptions {
+            check_client_cert: Some(true),
+            ..tls.clone()
+        };
+        assert!(
+            forced.resolve_with(&env(&[])).is_err(),
+            "checking needs a CA"
+        );
+        let half = ServeOptions {
+            tls_key: None,
+            ..tls
+        };
+        assert!(half.resolve_with(&env(&[])).is_err());
+        let ca_no_tls = ServeOptions {
+            client_ca: Some("ca.pem".into()),
+            ..Default::default()
+        };
+        assert!(ca_no_tls.resolve_with(&env(&[])).is_err());
     }
 }

@@ -34,6 +34,19 @@ pub enum ApiError {
     /// Any other malformed request (bad header, bad duration, bad cursor).
     #[error("{0}")]
     BadRequest(String),
+    /// The operation needs a client certificate that chains to the client CA.
+    #[error(
+        "{0} needs a client certificate signed by a trusted authority; none was presented, or it is expired, self-signed or from another authority"
+    )]
+    ClientCertRequired(&'static str),
+    /// Administrator rights are needed.
+    #[error(
+        "this endpoint needs the admin token (Authorization: Bearer) or an admin client certificate"
+    )]
+    AdminRequired,
+    /// Too many token failures from this client on this context.
+    #[error("too many failed token checks from this address on this context; retry in {0} s")]
+    TooManyFailures(u64),
     /// The tokens do not match the entry's.
     #[error("tokens do not match this entry")]
     Forbidden,
@@ -84,6 +97,9 @@ impl ApiError {
             InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json"),
             BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+            ClientCertRequired(_) => (StatusCode::FORBIDDEN, "client_certificate_required"),
+            AdminRequired => (StatusCode::FORBIDDEN, "admin_required"),
+            TooManyFailures(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_failures"),
             NotFound => (StatusCode::NOT_FOUND, "not_found"),
             RouteNotFound(_) => (StatusCode::NOT_FOUND, "route_not_found"),
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
@@ -94,6 +110,15 @@ impl ApiError {
             Overloaded => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
             Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    /// Seconds after which a refused client may retry (the `Retry-After` header).
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::Overloaded => Some(1),
+            ApiError::TooManyFailures(s) => Some(*s),
+            _ => None,
         }
     }
 
@@ -140,6 +165,9 @@ mod tests {
             ApiError::InvalidJson("x".into()),
             ApiError::BadRequest("x".into()),
             ApiError::Forbidden,
+            ApiError::ClientCertRequired("creating an entry"),
+            ApiError::AdminRequired,
+            ApiError::TooManyFailures(3),
             ApiError::NotFound,
             ApiError::RouteNotFound("/x".into()),
             ApiError::MethodNotAllowed("PATCH".into()),

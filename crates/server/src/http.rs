@@ -5,15 +5,19 @@
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::service::Service;
-use crate::{comet, native};
+use crate::service::{Caller, Service};
+use crate::tls::ClientCert;
+use crate::{admin, comet, native};
 use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::extract::FromRequestParts;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
@@ -27,19 +31,86 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// False once shutdown has begun.
     pub ready: AtomicBool,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpAddr>,
     request_ids: AtomicU64,
     id_prefix: u32,
 }
 
+/// The connection a request came on: set by the accept loop on every request.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The remote address of the TCP connection.
+    pub addr: SocketAddr,
+    /// The client certificate presented at the TLS handshake, if any.
+    pub cert: Option<ClientCert>,
+}
+
+/// The client address a request speaks for: the peer, or, when the peer is a trusted
+/// proxy, the nearest address in `X-Forwarded-For` that is not a trusted proxy.
+fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+        .collect::<Vec<_>>();
+    forwarded
+        .into_iter()
+        .rev()
+        .find(|a| !trusted.contains(a))
+        .unwrap_or(peer)
+}
+
+/// Extracts the [`Caller`] of a request from its connection and headers.
+pub fn caller(state: &AppState, parts: &Parts, api: &'static str) -> Caller {
+    let peer = parts.extensions.get::<Peer>();
+    let addr = peer
+        .map(|p| p.addr.ip())
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let cert = peer.and_then(|p| p.cert.as_ref());
+    Caller {
+        addr: client_addr(addr, &parts.headers, &state.trusted_proxies),
+        subject: cert.map(|c| c.subject.clone()),
+        trusted_cert: cert.is_some_and(ClientCert::trusted_now),
+        api,
+    }
+}
+
+/// The caller of a native API request.
+pub struct NativeCaller(pub Caller);
+
+impl FromRequestParts<Shared> for NativeCaller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, ApiError> {
+        Ok(NativeCaller(caller(state, parts, "native")))
+    }
+}
+
+/// The caller of a COMET API request.
+pub struct CometCaller(pub Caller);
+
+impl FromRequestParts<Shared> for CometCaller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, ApiError> {
+        Ok(CometCaller(caller(state, parts, "comet")))
+    }
+}
+
 impl AppState {
     /// State around a service.
-    pub fn new(service: Service, metrics: Arc<Metrics>) -> Self {
+    pub fn new(service: Service, metrics: Arc<Metrics>, trusted_proxies: Vec<IpAddr>) -> Self {
         let mut seed = [0u8; 4];
         let _ = getrandom::fill(&mut seed);
         AppState {
             service,
             metrics,
             ready: AtomicBool::new(true),
+            trusted_proxies,
             request_ids: AtomicU64::new(0),
             id_prefix: u32::from_le_bytes(seed),
         }
@@ -75,6 +146,12 @@ pub fn router(state: Shared) -> Router {
             "/v1/kv/{context}/{family}/{key}/keepalive",
             post(native::keep_alive),
         )
+        .route("/v1/admin/contexts", get(admin::contexts))
+        .route(
+            "/v1/admin/contexts/{context}",
+            axum::routing::delete(admin::delete_context),
+        )
+        .route("/v1/admin/stats", get(admin::stats))
         .merge(comet.clone())
         .nest("/v1", comet)
         .fallback(route_not_found)
@@ -136,6 +213,12 @@ fn endpoint_of(path: &str) -> &'static str {
         "/metrics" => return "metrics",
         _ => {}
     }
+    match path {
+        "/v1/admin/contexts" => return "admin_contexts",
+        "/v1/admin/stats" => return "admin_stats",
+        p if p.starts_with("/v1/admin/contexts/") => return "admin_context",
+        _ => {}
+    }
     if let Some(rest) = path.strip_prefix("/v1/kv/") {
         let segments: Vec<&str> = rest.split('/').collect();
         return match (segments.len(), segments.last().copied()) {
@@ -168,8 +251,9 @@ async fn observe(State(state): State<Shared>, req: Request, next: Next) -> Respo
     let started = Instant::now();
     let id = request_id(&state, req.headers());
     let method = req.method().clone();
-    // The path only: COMET puts tokens in the query string.
     let path = req.uri().path().to_owned();
+    // COMET puts tokens in the query string: they are redacted before logging.
+    let query = req.uri().query().map(redact_query);
     let endpoint = endpoint_of(&path);
     let span = tracing::info_span!("request", request_id = %id, %method, endpoint);
     let mut response = next.run(req).instrument(span.clone()).await;
@@ -186,6 +270,7 @@ async fn observe(State(state): State<Shared>, req: Request, next: Next) -> Respo
             status = status.as_u16(),
             micros = elapsed.as_micros() as u64,
             path = %truncate(&path, 512),
+            query = query.as_deref().unwrap_or(""),
             "request"
         );
     });
@@ -198,6 +283,39 @@ async fn observe(State(state): State<Shared>, req: Request, next: Next) -> Respo
         HeaderValue::from_static("nosniff"),
     );
     response
+}
+
+/// Query parameter names whose values are secrets.
+const SECRET_PARAMS: &[&str] = &[
+    "readtoken",
+    "writetoken",
+    "token",
+    "amphora-read-token",
+    "amphora-write-token",
+];
+
+/// The query string with the values of token parameters replaced by `REDACTED`,
+/// cut to 512 bytes.
+pub fn redact_query(query: &str) -> String {
+    let redacted: Vec<String> = query
+        .split('&')
+        .map(|pair| {
+            let name = pair.split('=').next().unwrap_or("");
+            // Compare the decoded name too: `read%54oken` is still `readToken`.
+            let decoded = crate::query::Query::parse(Some(name))
+                .ok()
+                .and_then(|q| q.first_name().map(str::to_ascii_lowercase))
+                .unwrap_or_else(|| name.to_ascii_lowercase());
+            if SECRET_PARAMS.contains(&decoded.as_str())
+                || SECRET_PARAMS.contains(&name.to_ascii_lowercase().as_str())
+            {
+                format!("{name}=REDACTED")
+            } else {
+                pair.to_owned()
+            }
+        })
+        .collect();
+    truncate(&redacted.join("&"), 512).to_owned()
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -217,12 +335,24 @@ pub fn native_error(e: ApiError) -> Response {
     let (status, code) = e.status_and_code();
     let body = serde_json::json!({"error": {"code": code, "message": e.public_message()}});
     let mut response = (status, axum::Json(body)).into_response();
-    if status == StatusCode::TOO_MANY_REQUESTS {
+    error_headers(&mut response, &e);
+    response
+}
+
+/// Headers an error response needs besides its body: `Retry-After` for a refusal
+/// that ends, and `Connection: close` for a body refused unread (the rest of it is
+/// still on the wire, so the connection cannot carry another request).
+pub fn error_headers(response: &mut Response, e: &ApiError) {
+    if let Some(seconds) = e.retry_after() {
         response
             .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     }
-    response
+    if matches!(e, ApiError::BodyTooLarge(_)) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -285,20 +415,48 @@ async fn metrics(State(state): State<Shared>) -> Response {
         .into_response()
 }
 
-/// Reads a request body of at most `limit` bytes: a larger one is refused with 413
-/// before it is buffered.
+/// Reads a request body of at most `limit` bytes. A larger body is refused with 413;
+/// up to [`DRAIN_CAP`] bytes of it are read and discarded first, so that the client,
+/// still sending, receives the refusal instead of a reset connection.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    let mut too_large = declared.is_some_and(|n| n > limit as u64);
+    let mut body = body;
+    let mut buf = Vec::with_capacity(if too_large {
+        0
+    } else {
+        declared.unwrap_or(0) as usize
+    });
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| ApiError::BadRequest(format!("reading the request body failed: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        seen += data.len();
+        if !too_large && buf.len() + data.len() <= limit {
+            buf.extend_from_slice(&data);
+        } else {
+            too_large = true;
+            buf = Vec::new();
+        }
+        if seen > DRAIN_CAP {
+            break;
+        }
+    }
+    if too_large {
         return Err(ApiError::BodyTooLarge(limit));
     }
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::BodyTooLarge(limit))
+    Ok(Bytes::from(buf))
 }
+
+/// The most bytes of an oversized body read (and discarded) before refusing it.
+pub const DRAIN_CAP: usize = 16 * 1024 * 1024;
 
 #[cfg(test)]
 mod tests {
@@ -314,6 +472,36 @@ mod tests {
             collapse_slashes(req).uri().to_string(),
             "http://h/v1/readScope?contextID=a//b"
         );
+    }
+
+    #[test]
+    fn tokens_are_redacted_from_logged_queries() {
+        let q =
+            "contextID=c&readToken=Secret1x&Key=k&writeToken=Secret2y&read%54oken=Secret3z&TOKEN=x";
+        let r = redact_query(q);
+        assert_eq!(
+            r,
+            "contextID=c&readToken=REDACTED&Key=k&writeToken=REDACTED&read%54oken=REDACTED&TOKEN=REDACTED"
+        );
+        // Even a malformed query is redacted.
+        assert_eq!(redact_query("readToken=%zz"), "readToken=REDACTED");
+    }
+
+    #[test]
+    fn forwarded_for_only_from_trusted_proxies() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("203.0.113.9, 10.0.0.5"),
+        );
+        let proxy: IpAddr = "10.0.0.5".parse().unwrap();
+        let other: IpAddr = "10.0.0.6".parse().unwrap();
+        assert_eq!(client_addr(other, &h, &[proxy]), other);
+        assert_eq!(
+            client_addr(proxy, &h, &[proxy]),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(client_addr(proxy, &HeaderMap::new(), &[proxy]), proxy);
     }
 
     #[test]

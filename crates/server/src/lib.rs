@@ -4,6 +4,9 @@
 //! Invariant: only this crate knows HTTP; it never names redb outside [`run`]'s
 //! choice of engine.
 
+pub mod admin;
+pub mod audit;
+pub mod certs;
 pub mod comet;
 pub mod config;
 pub mod error;
@@ -12,7 +15,10 @@ pub mod keyfile;
 pub mod metrics;
 pub mod native;
 pub mod query;
+pub mod serve;
 pub mod service;
+pub mod throttle;
+pub mod tls;
 
 use crate::config::Settings;
 use crate::http::AppState;
@@ -43,6 +49,24 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .create(&settings.data_dir)
         .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
     let key = keyfile::load_or_create(&settings.data_dir)?;
+    let tls = match &settings.tls {
+        Some(files) => Some(Arc::new(
+            tls::Tls::load(&files.cert, &files.key, files.client_ca.as_deref())
+                .context("setting up TLS")?,
+        )),
+        None => None,
+    };
+    let admin_token_sha256 = match &settings.admin_token_file {
+        Some(path) => Some(read_admin_token(path)?),
+        None => None,
+    };
+    let (audit, audit_task) = match &settings.audit_log {
+        Some(target) => {
+            let (audit, task) = audit::Audit::open(target)?;
+            (audit, Some(task))
+        }
+        None => (audit::Audit::off(), None),
+    };
     let metrics = Arc::new(Metrics::new());
     let observer = metrics.clone();
     let store: Arc<dyn Store> = Arc::new(
@@ -66,40 +90,84 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             check_token_strength: settings.check_token_strength,
             idle_expiry: settings.idle_expiry,
             max_enumerate: settings.max_enumerate,
+            require_client_cert: settings.check_client_cert,
+            throttle: settings.throttle,
+            admin_token_sha256,
+            admin_subjects: settings.admin_subjects.clone(),
         },
+        metrics.clone(),
+        audit.clone(),
     );
-    let state = Arc::new(AppState::new(service, metrics));
+    let state = Arc::new(AppState::new(
+        service,
+        metrics,
+        settings.trusted_proxies.clone(),
+    ));
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("listening on {}", settings.listen))?;
     let addr = listener.local_addr()?;
-    if addr.ip().is_loopback() {
-        tracing::warn!("no TLS configured: serving plain HTTP on loopback only");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    if tls.is_none() {
+        tracing::warn!("no TLS configured: plain HTTP, meant for loopback only");
     }
-    tracing::info!(%addr, data_dir = %settings.data_dir.display(), "amphora listening");
+    tracing::info!(
+        %addr,
+        tls = tls.is_some(),
+        client_certificates_required = settings.check_client_cert,
+        data_dir = %settings.data_dir.display(),
+        "amphora listening"
+    );
     // A line for scripts and tests that start the server on port 0.
-    println!("amphora listening on http://{addr}");
+    println!("amphora listening on {scheme}://{addr}");
     std::io::stdout().flush().ok();
 
     let sweeper = tokio::spawn(sweep_loop(state.clone(), settings.clone()));
     let app = http::app(state.clone());
     let shutdown_state = state.clone();
-    axum::serve(
-        listener,
-        axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
-    )
-    .with_graceful_shutdown(async move {
+    serve::serve(listener, tls, app, async move {
         shutdown_signal().await;
         shutdown_state.ready.store(false, Ordering::Release);
         tracing::info!("shutting down: finishing requests in flight");
     })
-    .await
-    .context("serving HTTP")?;
+    .await;
     sweeper.abort();
     let _ = sweeper.await;
     store.close().await.context("closing the store")?;
+    audit.flush().await;
+    drop(audit);
+    if let Some(task) = audit_task {
+        // Other holders of the audit handle are gone with the connections; do not
+        // wait forever if one lingers.
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// Reads the admin token file; answers the token's SHA-256.
+fn read_admin_token(path: &std::path::Path) -> anyhow::Result<[u8; 32]> {
+    use sha2::Digest;
+    use std::os::unix::fs::PermissionsExt;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the admin token file {}", path.display()))?;
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "{} is readable by other users (mode {:o}); run `chmod 600 {}`",
+            path.display(),
+            mode & 0o777,
+            path.display()
+        );
+    }
+    let token = text.trim();
+    if token.len() < 16 || token.chars().any(char::is_whitespace) {
+        anyhow::bail!(
+            "the admin token in {} must be at least 16 characters without white space",
+            path.display()
+        );
+    }
+    Ok(sha2::Sha256::digest(token.as_bytes()).into())
 }
 
 async fn shutdown_signal() {
@@ -139,6 +207,7 @@ async fn sweep_loop(state: Arc<AppState>, settings: Settings) {
         if let Err(e) = store.compact_history(cutoff).await {
             tracing::warn!(error = %e, "history compaction failed");
         }
+        state.service.prune_throttle();
         if !settings.idle_expiry.is_zero() && last_idle.elapsed() >= idle_every {
             last_idle = tokio::time::Instant::now();
             match state.service.sweep_idle().await {

@@ -15,7 +15,35 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (embedded store by default).
-    Serve(ServeOptions),
+    Serve(Box<ServeOptions>),
+    /// Development certificates: a CA, a server certificate, client certificates.
+    #[command(subcommand)]
+    Certs(Certs),
+}
+
+#[derive(Subcommand)]
+enum Certs {
+    /// Create a CA (ca.pem, ca.key) and a server certificate (server.pem, server.key) in DIR.
+    Init {
+        /// Where to write the files.
+        dir: std::path::PathBuf,
+        /// A DNS name or IP address clients use to reach the server. Repeatable.
+        #[arg(long = "server-name", value_name = "NAME", required = true)]
+        server_names: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825, value_parser = clap::value_parser!(i64).range(1..=3650))]
+        days: i64,
+    },
+    /// Create a client certificate NAME.pem, NAME.key in DIR, signed by its CA.
+    Client {
+        /// The directory given to `certs init`.
+        dir: std::path::PathBuf,
+        /// The client's name: the certificate's CN and the file names.
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(i64).range(1..=3650))]
+        days: i64,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -34,8 +62,27 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Certs(certs) => {
+            let result = match certs {
+                Certs::Init {
+                    dir,
+                    server_names,
+                    days,
+                } => amphora_server::certs::init(&dir, &server_names, days),
+                Certs::Client { dir, name, days } => {
+                    amphora_server::certs::client(&dir, &name, days)
+                }
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("amphora: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve(options) => {
-            let settings = match options.resolve() {
+            let settings = match (*options).resolve() {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("amphora: configuration error: {e:#}");

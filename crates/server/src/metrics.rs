@@ -33,6 +33,8 @@ pub struct Metrics {
     commit_batch: Histogram,
     commit_seconds: Histogram,
     entries: Gauge,
+    token_failures: Counter,
+    throttled: Counter,
 }
 
 impl Default for Metrics {
@@ -77,7 +79,21 @@ impl Metrics {
             "Entries stored (expired ones not yet swept included)",
             entries.clone(),
         );
+        let token_failures = Counter::default();
+        registry.register(
+            "token_failures",
+            "Requests whose tokens did not match the entry",
+            token_failures.clone(),
+        );
+        let throttled = Counter::default();
+        registry.register(
+            "throttled_requests",
+            "Requests refused after repeated token failures",
+            throttled.clone(),
+        );
         Metrics {
+            token_failures,
+            throttled,
             registry,
             requests,
             latency,
@@ -99,6 +115,16 @@ impl Metrics {
         self.latency
             .get_or_create(&EndpointLabels { endpoint })
             .observe(seconds);
+    }
+
+    /// Counts one token failure.
+    pub fn token_failure(&self) {
+        self.token_failures.inc();
+    }
+
+    /// Counts one request refused by the brute-force protection.
+    pub fn throttled(&self) {
+        self.throttled.inc();
     }
 
     /// Records one group commit.

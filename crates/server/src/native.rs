@@ -2,9 +2,9 @@
 //! `Amphora-Write-Token` headers, never in the URL.
 
 use crate::error::ApiError;
-use crate::http::{Shared, read_body};
+use crate::http::{NativeCaller, Shared, read_body};
 use crate::query::Query;
-use crate::service::{Entry, WriteOptions};
+use crate::service::{Caller, Entry, WriteOptions};
 use amphora_model::{EntryKey, context_prefix, family_prefix};
 use amphora_store::EventKind;
 use axum::Json;
@@ -126,13 +126,14 @@ fn etag(revision: u64) -> HeaderValue {
 /// `GET /v1/kv/{context}/{family}/{key}`.
 pub async fn get(
     State(state): State<Shared>,
+    NativeCaller(caller): NativeCaller,
     EntryTarget { key, .. }: EntryTarget,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let read = header_token(&headers, READ_TOKEN)?;
     let entry = state
         .service
-        .read(&key, read)
+        .read(&caller, &key, read)
         .await?
         .ok_or(ApiError::NotFound)?;
     let mut response = Json(entry_body(&entry)?).into_response();
@@ -173,6 +174,7 @@ fn parse_ttl(q: &Query) -> Result<Option<Duration>, ApiError> {
 /// `PUT /v1/kv/{context}/{family}/{key}`: create or replace; answers the revision.
 pub async fn put(
     State(state): State<Shared>,
+    NativeCaller(caller): NativeCaller,
     EntryTarget { key, query: q }: EntryTarget,
     headers: HeaderMap,
     body: Body,
@@ -197,7 +199,14 @@ pub async fn put(
         serde_json::from_str(text).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
     let written = state
         .service
-        .write(&key, raw_value.get().to_owned(), read, write, &options)
+        .write(
+            &caller,
+            &key,
+            raw_value.get().to_owned(),
+            read,
+            write,
+            &options,
+        )
         .await?;
     let status = if written.created {
         StatusCode::CREATED
@@ -218,11 +227,12 @@ pub async fn put(
 /// `DELETE /v1/kv/{context}/{family}/{key}`.
 pub async fn delete(
     State(state): State<Shared>,
+    NativeCaller(caller): NativeCaller,
     EntryTarget { key, .. }: EntryTarget,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (read, write) = token_pair(&headers)?;
-    let revision = state.service.delete(&key, read, write).await?;
+    let revision = state.service.delete(&caller, &key, read, write).await?;
     Ok(Json(serde_json::json!({"revision": revision})).into_response())
 }
 
@@ -256,6 +266,7 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 
 async fn list(
     state: Shared,
+    caller: Caller,
     context: String,
     family: Option<String>,
     raw: Option<String>,
@@ -285,7 +296,7 @@ async fn list(
     };
     let listing = state
         .service
-        .list(&context, family.as_deref(), read, after, limit)
+        .list(&caller, &context, family.as_deref(), read, after, limit)
         .await?;
     let entries = listing
         .entries
@@ -301,33 +312,36 @@ async fn list(
 /// `GET /v1/kv/{context}`: the context's visible entries, paginated.
 pub async fn list_context(
     State(state): State<Shared>,
+    NativeCaller(caller): NativeCaller,
     p: Result<Path<String>, PathRejection>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    list(state, path(p)?, None, raw, headers).await
+    list(state, caller, path(p)?, None, raw, headers).await
 }
 
 /// `GET /v1/kv/{context}/{family}`: the family's visible entries, paginated.
 pub async fn list_family(
     State(state): State<Shared>,
+    NativeCaller(caller): NativeCaller,
     p: Result<Path<(String, String)>, PathRejection>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (c, f) = path(p)?;
-    list(state, c, Some(f), raw, headers).await
+    list(state, caller, c, Some(f), raw, headers).await
 }
 
 /// `GET /v1/kv/{context}/{family}/{key}/history`: recent changes, deletions included.
 pub async fn history(
     State(state): State<Shared>,
+    NativeCaller(caller): NativeCaller,
     EntryTarget { key, query: q }: EntryTarget,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let read = header_token(&headers, READ_TOKEN)?;
     let limit = page_limit(&q)?;
-    let items = state.service.history(&key, read, limit).await?;
+    let items = state.service.history(&caller, &key, read, limit).await?;
     let events: Vec<serde_json::Value> = items
         .into_iter()
         .map(|i| {
@@ -352,11 +366,12 @@ pub async fn history(
 /// `POST /v1/kv/{context}/{family}/{key}/keepalive`: renews the entry's lease.
 pub async fn keep_alive(
     State(state): State<Shared>,
+    NativeCaller(caller): NativeCaller,
     EntryTarget { key, .. }: EntryTarget,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (read, write) = token_pair(&headers)?;
-    let (revision, lease) = state.service.keep_alive(&key, read, write).await?;
+    let (revision, lease) = state.service.keep_alive(&caller, &key, read, write).await?;
     Ok(Json(serde_json::json!({
         "revision": revision,
         "ttl_seconds": lease.ttl.as_secs_f64(),

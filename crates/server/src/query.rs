@@ -45,6 +45,11 @@ impl Query {
         }
     }
 
+    /// The name of the first parameter.
+    pub fn first_name(&self) -> Option<&str> {
+        self.0.first().map(|(n, _)| n.as_str())
+    }
+
     /// True when any of `names` is present.
     pub fn has_any(&self, names: &[&str]) -> bool {
         self.0

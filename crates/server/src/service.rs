@@ -4,7 +4,10 @@
 //! here, and render the answer in their own dialect. Everything that decides who may
 //! do what, and every interaction with the store, lives here, written once.
 
+use crate::audit::{self, Audit};
 use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::throttle::{Throttle, ThrottleSettings, Verdict};
 use amphora_model::{
     ENTRY_NAMESPACE, EntryKey, Limits, ModelError, NameKind, Record, TokenHash, TokenHasher,
     TokenRole, check_token_strength, context_prefix, family_prefix, validate_name,
@@ -13,6 +16,8 @@ use amphora_store::{
     Condition, EventKind, KeyValue, Lease, LeaseChoice, Put, Revision, Store, StoreError, now_ms,
 };
 use dashmap::DashMap;
+use sha2::{Digest, Sha256};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +37,67 @@ pub struct ServiceSettings {
     pub idle_expiry: Duration,
     /// The most entries one COMET enumerateScope answers.
     pub max_enumerate: usize,
+    /// Creating and deleting need a client certificate that chains to the client CA.
+    pub require_client_cert: bool,
+    /// Brute-force protection.
+    pub throttle: ThrottleSettings,
+    /// SHA-256 of the admin token, if one is configured.
+    pub admin_token_sha256: Option<[u8; 32]>,
+    /// Certificate subjects with admin rights (the certificate must be trusted too).
+    pub admin_subjects: Vec<String>,
+}
+
+/// Who is asking: the client's address and what its certificate proved.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The client's address (from a trusted proxy's `X-Forwarded-For` if configured).
+    pub addr: IpAddr,
+    /// The subject of the certificate it presented, if any.
+    pub subject: Option<String>,
+    /// True when that certificate chains to the client CA and is valid now.
+    pub trusted_cert: bool,
+    /// Which API it came through (`native`, `comet`, `admin`), for the audit log.
+    pub api: &'static str,
+}
+
+/// The names an audited operation is about.
+#[derive(Debug, Clone, Copy, Default)]
+struct Names<'a> {
+    context: Option<&'a str>,
+    family: Option<&'a str>,
+    key: Option<&'a str>,
+}
+
+impl<'a> Names<'a> {
+    fn entry(k: &'a EntryKey) -> Self {
+        Names {
+            context: Some(&k.context),
+            family: Some(&k.family),
+            key: Some(&k.key),
+        }
+    }
+}
+
+/// What a read found.
+enum Lookup {
+    Found(Entry),
+    Absent,
+    WrongToken,
+}
+
+/// Server statistics for administrators.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    /// The store's revision.
+    pub revision: Revision,
+    /// Stored entries.
+    pub entries: u64,
+    /// Seconds since start.
+    pub uptime_seconds: u64,
+    /// COMET idle expiry E, in seconds (0: off).
+    pub idle_expiry_seconds: f64,
+    /// Whether creating and deleting need a trusted client certificate.
+    pub require_client_cert: bool,
 }
 
 /// An entry as the APIs show it.
@@ -126,6 +192,10 @@ pub struct Service {
     hasher: TokenHasher,
     settings: ServiceSettings,
     idle: Option<IdleTracker>,
+    throttle: Throttle,
+    metrics: Arc<Metrics>,
+    audit: Audit,
+    started_ms: u64,
 }
 
 fn corrupted(e: ModelError) -> ApiError {
@@ -134,7 +204,13 @@ fn corrupted(e: ModelError) -> ApiError {
 
 impl Service {
     /// A service over `store`, hashing tokens with `server_key`.
-    pub fn new(store: Arc<dyn Store>, server_key: &[u8; 32], settings: ServiceSettings) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        server_key: &[u8; 32],
+        settings: ServiceSettings,
+        metrics: Arc<Metrics>,
+        audit: Audit,
+    ) -> Self {
         let idle = (!settings.idle_expiry.is_zero()).then(|| IdleTracker {
             window_ms: (settings.idle_expiry.as_millis() as u64).saturating_mul(2),
             started_ms: now_ms(),
@@ -143,9 +219,86 @@ impl Service {
         Service {
             store,
             hasher: TokenHasher::new(server_key),
+            throttle: Throttle::new(settings.throttle),
             settings,
             idle,
+            metrics,
+            audit,
+            started_ms: now_ms(),
         }
+    }
+
+    /// The audit log.
+    pub fn audit_log(&self) -> &Audit {
+        &self.audit
+    }
+
+    /// Refuses or slows a caller with too many recent token failures on `context`.
+    async fn admit(&self, caller: &Caller, context: &str) -> Result<(), ApiError> {
+        match self.throttle.check(caller.addr, context, now_ms()) {
+            Verdict::Pass => Ok(()),
+            Verdict::Slow(pause) => {
+                tokio::time::sleep(pause).await;
+                Ok(())
+            }
+            Verdict::Refuse(seconds) => {
+                self.metrics.throttled();
+                Err(ApiError::TooManyFailures(seconds))
+            }
+        }
+    }
+
+    fn token_failure(&self, caller: &Caller, context: &str) {
+        self.metrics.token_failure();
+        if self.throttle.fail(caller.addr, context, now_ms()) {
+            tracing::warn!(client = %caller.addr, context, "client blocked after repeated token failures");
+        }
+    }
+
+    async fn audit(&self, caller: &Caller, operation: &str, names: Names<'_>, outcome: &str) {
+        if !self.audit.enabled() {
+            return;
+        }
+        self.audit
+            .record(&audit::Record {
+                time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                client: caller.addr.to_string(),
+                subject: caller.subject.as_deref(),
+                trusted_cert: caller.trusted_cert,
+                api: caller.api,
+                operation,
+                context: names.context,
+                family: names.family,
+                key: names.key,
+                outcome,
+            })
+            .await;
+    }
+
+    /// Audits an operation's result, counting a token failure for the throttle.
+    async fn finish<T>(
+        &self,
+        caller: &Caller,
+        operation: &str,
+        names: Names<'_>,
+        result: Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.status_and_code().1,
+        };
+        if let (Err(ApiError::Forbidden), Some(context)) = (&result, names.context) {
+            self.token_failure(caller, context);
+        }
+        self.audit(caller, operation, names, outcome).await;
+        result
+    }
+
+    fn require_cert(&self, caller: &Caller, what: &'static str) -> Result<(), ApiError> {
+        if self.settings.require_client_cert && !caller.trusted_cert {
+            return Err(ApiError::ClientCertRequired(what));
+        }
+        Ok(())
     }
 
     /// The store, for health checks and metrics.
@@ -237,27 +390,81 @@ impl Service {
     }
 
     /// Reads an entry; `None` when it does not exist or the read token is not its own.
-    pub async fn read(&self, key: &EntryKey, read: &str) -> Result<Option<Entry>, ApiError> {
+    pub async fn read(
+        &self,
+        caller: &Caller,
+        key: &EntryKey,
+        read: &str,
+    ) -> Result<Option<Entry>, ApiError> {
+        let result = match self.admit(caller, &key.context).await {
+            Ok(()) => self.lookup(key, read).await,
+            Err(e) => Err(e),
+        };
+        let (result, outcome) = match result {
+            Ok(Lookup::Found(e)) => (Ok(Some(e)), "ok"),
+            Ok(Lookup::Absent) => (Ok(None), "not_found"),
+            Ok(Lookup::WrongToken) => {
+                self.token_failure(caller, &key.context);
+                (Ok(None), "forbidden")
+            }
+            Err(e) => {
+                let code = e.status_and_code().1;
+                (Err(e), code)
+            }
+        };
+        self.audit(caller, "read", Names::entry(key), outcome).await;
+        result
+    }
+
+    async fn lookup(&self, key: &EntryKey, read: &str) -> Result<Lookup, ApiError> {
         let read = self.token(TokenRole::Read, read)?;
         let encoded = key.encode();
         let now = now_ms();
         let Some(kv) = self.store.get(&encoded).await? else {
-            return Ok(None);
+            return Ok(Lookup::Absent);
         };
         let Some(record) = self.live(&kv, now)? else {
-            return Ok(None);
+            return Ok(Lookup::Absent);
         };
         if !record.readable_with(&read) {
-            return Ok(None);
+            return Ok(Lookup::WrongToken);
         }
         self.touch(&encoded, now);
-        self.entry(key.clone(), &kv, record).await.map(Some)
+        self.entry(key.clone(), &kv, record)
+            .await
+            .map(Lookup::Found)
     }
 
-    /// Creates or modifies an entry. Creating needs both tokens; modifying needs the
-    /// entry's own tokens.
+    /// Creates or modifies an entry. Creating needs both tokens (and a trusted client
+    /// certificate when the policy asks for one); modifying needs the entry's own tokens.
     pub async fn write(
         &self,
+        caller: &Caller,
+        key: &EntryKey,
+        value: String,
+        read: &str,
+        write: &str,
+        options: &WriteOptions,
+    ) -> Result<Written, ApiError> {
+        let result = match self.admit(caller, &key.context).await {
+            Ok(()) => {
+                self.write_inner(caller, key, value, read, write, options)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let operation = match &result {
+            Ok(w) if w.created => "create",
+            Ok(_) => "modify",
+            Err(_) => "write",
+        };
+        self.finish(caller, operation, Names::entry(key), result)
+            .await
+    }
+
+    async fn write_inner(
+        &self,
+        caller: &Caller,
         key: &EntryKey,
         value: String,
         read: &str,
@@ -281,6 +488,7 @@ impl Service {
                             "If-Match given but the entry does not exist".into(),
                         ));
                     }
+                    self.require_cert(caller, "creating an entry")?;
                     let record = Record {
                         created_at_ms: now,
                         updated_at_ms: now,
@@ -382,13 +590,31 @@ impl Service {
         Ok(kv)
     }
 
-    /// Deletes an entry with its tokens.
+    /// Deletes an entry with its tokens (and a trusted client certificate when the
+    /// policy asks for one).
     pub async fn delete(
         &self,
+        caller: &Caller,
         key: &EntryKey,
         read: &str,
         write: &str,
     ) -> Result<Revision, ApiError> {
+        let result = match self.admit(caller, &key.context).await {
+            Ok(()) => self.delete_inner(caller, key, read, write).await,
+            Err(e) => Err(e),
+        };
+        self.finish(caller, "delete", Names::entry(key), result)
+            .await
+    }
+
+    async fn delete_inner(
+        &self,
+        caller: &Caller,
+        key: &EntryKey,
+        read: &str,
+        write: &str,
+    ) -> Result<Revision, ApiError> {
+        self.require_cert(caller, "deleting an entry")?;
         let (read, write) = self.token_pair(read, write)?;
         let encoded = key.encode();
         for _ in 0..MAX_RETRIES {
@@ -419,6 +645,27 @@ impl Service {
     /// Invisible entries are skipped; to bound the work of one request, at most
     /// `limit × 10 + 100` entries are examined, and `next` tells where to go on.
     pub async fn list(
+        &self,
+        caller: &Caller,
+        context: &str,
+        family: Option<&str>,
+        read: &str,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Listing, ApiError> {
+        let result = match self.admit(caller, context).await {
+            Ok(()) => self.list_inner(context, family, read, after, limit).await,
+            Err(e) => Err(e),
+        };
+        let names = Names {
+            context: Some(context),
+            family,
+            key: None,
+        };
+        self.finish(caller, "list", names, result).await
+    }
+
+    async fn list_inner(
         &self,
         context: &str,
         family: Option<&str>,
@@ -470,6 +717,25 @@ impl Service {
     /// has no pagination. Refused beyond `max_enumerate` entries.
     pub async fn enumerate(
         &self,
+        caller: &Caller,
+        context: &str,
+        family: Option<&str>,
+        read: &str,
+    ) -> Result<Vec<Entry>, ApiError> {
+        let result = match self.admit(caller, context).await {
+            Ok(()) => self.enumerate_inner(context, family, read).await,
+            Err(e) => Err(e),
+        };
+        let names = Names {
+            context: Some(context),
+            family,
+            key: None,
+        };
+        self.finish(caller, "list", names, result).await
+    }
+
+    async fn enumerate_inner(
+        &self,
         context: &str,
         family: Option<&str>,
         read: &str,
@@ -478,7 +744,7 @@ impl Service {
         let mut out = Vec::new();
         let mut after = None;
         loop {
-            let page = self.list(context, family, read, after, 1000).await?;
+            let page = self.list_inner(context, family, read, after, 1000).await?;
             out.extend(page.entries);
             if out.len() > max {
                 return Err(ApiError::BodyTooLarge(max));
@@ -493,6 +759,21 @@ impl Service {
     /// The recent changes of an entry. Visible to whoever holds the read token of
     /// the incarnation a change belongs to, deletions included.
     pub async fn history(
+        &self,
+        caller: &Caller,
+        key: &EntryKey,
+        read: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryItem>, ApiError> {
+        let result = match self.admit(caller, &key.context).await {
+            Ok(()) => self.history_inner(key, read, limit).await,
+            Err(e) => Err(e),
+        };
+        self.finish(caller, "history", Names::entry(key), result)
+            .await
+    }
+
+    async fn history_inner(
         &self,
         key: &EntryKey,
         read: &str,
@@ -540,6 +821,21 @@ impl Service {
     /// Renews the lease of an entry.
     pub async fn keep_alive(
         &self,
+        caller: &Caller,
+        key: &EntryKey,
+        read: &str,
+        write: &str,
+    ) -> Result<(Revision, Lease), ApiError> {
+        let result = match self.admit(caller, &key.context).await {
+            Ok(()) => self.keep_alive_inner(key, read, write).await,
+            Err(e) => Err(e),
+        };
+        self.finish(caller, "keepalive", Names::entry(key), result)
+            .await
+    }
+
+    async fn keep_alive_inner(
+        &self,
         key: &EntryKey,
         read: &str,
         write: &str,
@@ -560,6 +856,108 @@ impl Service {
         };
         self.touch(&encoded, now);
         Ok((kv.mod_revision, lease))
+    }
+
+    /// True when the caller is an administrator: it sent the admin token as a bearer
+    /// token, or holds a trusted certificate whose subject is listed as admin.
+    pub fn is_admin(&self, caller: &Caller, bearer: Option<&str>) -> bool {
+        let by_token = match (bearer, &self.settings.admin_token_sha256) {
+            (Some(b), Some(want)) => {
+                let got: [u8; 32] = Sha256::digest(b.as_bytes()).into();
+                subtle::ConstantTimeEq::ct_eq(&got[..], &want[..]).into()
+            }
+            _ => false,
+        };
+        let by_cert = caller.trusted_cert
+            && caller
+                .subject
+                .as_ref()
+                .is_some_and(|s| self.settings.admin_subjects.iter().any(|a| a == s));
+        by_token || by_cert
+    }
+
+    /// Admin: audits an administrative action.
+    pub async fn audit_admin<T>(
+        &self,
+        caller: &Caller,
+        operation: &str,
+        context: Option<&str>,
+        result: Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let names = Names {
+            context,
+            ..Names::default()
+        };
+        self.finish(caller, operation, names, result).await
+    }
+
+    /// Admin: every context with its number of entries, in order.
+    pub async fn contexts(&self) -> Result<Vec<(String, u64)>, ApiError> {
+        let mut out: Vec<(String, u64)> = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = self
+                .store
+                .range(ENTRY_NAMESPACE, after.as_deref(), 1000)
+                .await?;
+            for kv in &page.items {
+                let key = EntryKey::decode(&kv.key).map_err(corrupted)?;
+                match out.last_mut() {
+                    Some((c, n)) if *c == key.context => *n += 1,
+                    _ => out.push((key.context, 1)),
+                }
+            }
+            match (page.more, page.items.last()) {
+                (true, Some(last)) => after = Some(last.key.clone()),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Admin: deletes every entry of a context; answers how many were deleted.
+    pub async fn delete_context(&self, context: &str) -> Result<u64, ApiError> {
+        self.context_name(context)?;
+        let prefix = context_prefix(context);
+        let mut deleted = 0;
+        loop {
+            let page = self.store.range(&prefix, None, 1000).await?;
+            if page.items.is_empty() {
+                return Ok(deleted);
+            }
+            // Concurrent deletes share group commits: one fsync per page, not per entry.
+            let mut tasks = tokio::task::JoinSet::new();
+            for kv in page.items {
+                let store = self.store.clone();
+                tasks.spawn(async move {
+                    store
+                        .delete(&kv.key, Condition::Revision(kv.mod_revision))
+                        .await
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                match done.map_err(|e| ApiError::Internal(e.to_string()))? {
+                    Ok(Some(_)) => deleted += 1,
+                    Ok(None) | Err(StoreError::Conflict { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+
+    /// Admin: server statistics.
+    pub async fn stats(&self) -> Result<Stats, ApiError> {
+        Ok(Stats {
+            revision: self.store.revision().await?,
+            entries: self.store.entry_count().await?,
+            uptime_seconds: now_ms().saturating_sub(self.started_ms) / 1000,
+            idle_expiry_seconds: self.settings.idle_expiry.as_secs_f64(),
+            require_client_cert: self.settings.require_client_cert,
+        })
+    }
+
+    /// Forgets stale brute-force counters.
+    pub fn prune_throttle(&self) {
+        self.throttle.prune(now_ms());
     }
 
     /// One sweep of COMET's idle expiry: removes every stored entry idle for `2 × E`.
