@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{READ, Server, WRITE, client};
+use common::{READ, SendJson, Server, WRITE, client};
 use serde_json::Value;
 
 struct Case {
@@ -462,12 +462,8 @@ async fn every_bad_input_gets_a_json_error_and_the_server_keeps_serving() {
         .get(s.url(&format!(
             "/readScope?contextID=c&family=f&Key=k&readToken={READ}"
         )))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_body()
+        .await;
     assert_eq!(r["value"]["value"], "v");
     assert_eq!(c.get(s.url("/healthz")).send().await.unwrap().status(), 200);
     let metrics = c

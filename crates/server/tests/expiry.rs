@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{READ, Server, WRITE, client};
+use common::{READ, SendJson, Server, WRITE, client};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -24,16 +24,7 @@ async fn idle_entries_expire_after_2e_and_reads_keep_entries_alive() {
             "/readScope?contextID=ctx&family=f&Key={key}&readToken={READ}"
         ));
         let c = c.clone();
-        async move {
-            c.get(url)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()["value"]
-                .clone()
-        }
+        async move { c.get(url).json_body().await["value"].clone() }
     };
     let list = |family: &'static str| {
         let c = c.clone();
@@ -42,12 +33,8 @@ async fn idle_entries_expire_after_2e_and_reads_keep_entries_alive() {
             let listing: Value = c
                 .get(url)
                 .header("Amphora-Read-Token", READ)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+                .json_body()
+                .await;
             listing["entries"]
                 .as_array()
                 .unwrap()
@@ -85,12 +72,8 @@ async fn idle_entries_expire_after_2e_and_reads_keep_entries_alive() {
     let hist: Value = c
         .get(s.url("/v1/kv/ctx/f/left-alone/history"))
         .header("Amphora-Read-Token", READ)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_body()
+        .await;
     assert_eq!(hist["events"][0]["kind"], "delete", "{hist}");
     // Writing the name again creates it afresh.
     assert_eq!(write("f", "left-alone").await.unwrap().status(), 200);

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{READ, Server, WRITE, client};
+use common::{READ, SendJson, Server, WRITE, client};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -301,12 +301,8 @@ async fn both_apis_see_the_same_entry() {
         .get(s.url(&format!(
             "/readScope?contextID=ctx&family=hostsall&Key=n2&readToken={READ}"
         )))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json_body()
+        .await;
     assert_eq!(r["value"]["value"], r#"{"ip":"10.0.0.2"}"#);
 }
 
@@ -319,14 +315,7 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
     let r = c.get(s.url("/healthz")).send().await.unwrap();
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"status": "ok"}));
     put(&c, &s.url("/v1/kv/ctx/f/k"), &json!(1), &[]).await;
-    let r: Value = c
-        .get(s.url("/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: Value = c.get(s.url("/readyz")).json_body().await;
     assert_eq!(
         (
             r["status"].as_str(),

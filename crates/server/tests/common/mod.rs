@@ -124,3 +124,143 @@ pub fn client() -> reqwest::Client {
         .build()
         .expect("client")
 }
+
+/// The kinds of client a TLS test connects as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientKind {
+    /// A certificate signed by the client CA, valid now.
+    Trusted,
+    /// No certificate.
+    NoCert,
+    /// Signed by the client CA, but expired yesterday.
+    Expired,
+    /// Self-signed.
+    SelfSigned,
+    /// Signed by another authority.
+    OtherCa,
+}
+
+impl ClientKind {
+    /// Every kind.
+    pub const ALL: [ClientKind; 5] = [
+        ClientKind::Trusted,
+        ClientKind::NoCert,
+        ClientKind::Expired,
+        ClientKind::SelfSigned,
+        ClientKind::OtherCa,
+    ];
+}
+
+/// A test PKI: a CA, a server certificate for 127.0.0.1, and one client
+/// certificate of each kind, written to a directory.
+pub struct Pki {
+    /// Where the PEM files are.
+    pub dir: PathBuf,
+    ca_pem: String,
+    identities: Vec<(ClientKind, String)>,
+}
+
+impl Pki {
+    /// Creates every certificate in `dir`.
+    pub fn new(dir: &Path) -> Pki {
+        use amphora_server::certs::{issue, new_ca, self_signed_client, valid_for_days};
+        std::fs::create_dir_all(dir).unwrap();
+        let ca = new_ca("Test CA", valid_for_days(30)).unwrap();
+        let other_ca = new_ca("Other CA", valid_for_days(30)).unwrap();
+        let server = issue(
+            &ca,
+            "localhost",
+            vec!["localhost".into(), "127.0.0.1".into()],
+            true,
+            valid_for_days(30),
+        )
+        .unwrap();
+        std::fs::write(dir.join("ca.pem"), &ca.cert_pem).unwrap();
+        std::fs::write(dir.join("server.pem"), &server.cert_pem).unwrap();
+        std::fs::write(dir.join("server.key"), &server.key_pem).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let expired_validity = (
+            now - time::Duration::days(30),
+            now - time::Duration::days(1),
+        );
+        let pem = |i: amphora_server::certs::Issued| format!("{}{}", i.cert_pem, i.key_pem);
+        let identities = vec![
+            (
+                ClientKind::Trusted,
+                pem(issue(&ca, "trusted", vec![], false, valid_for_days(30)).unwrap()),
+            ),
+            (
+                ClientKind::Expired,
+                pem(issue(&ca, "expired", vec![], false, expired_validity).unwrap()),
+            ),
+            (
+                ClientKind::SelfSigned,
+                pem(self_signed_client("selfsigned", valid_for_days(30)).unwrap()),
+            ),
+            (
+                ClientKind::OtherCa,
+                pem(issue(&other_ca, "foreign", vec![], false, valid_for_days(30)).unwrap()),
+            ),
+        ];
+        Pki {
+            dir: dir.to_path_buf(),
+            ca_pem: ca.cert_pem,
+            identities,
+        }
+    }
+
+    /// The flags that serve TLS with this PKI's certificates and client CA.
+    pub fn server_flags(&self) -> Vec<String> {
+        let p = |f: &str| self.dir.join(f).display().to_string();
+        vec![
+            "--tls-cert".into(),
+            p("server.pem"),
+            "--tls-key".into(),
+            p("server.key"),
+            "--client-ca".into(),
+            p("ca.pem"),
+        ]
+    }
+
+    /// An HTTPS client of the given kind that trusts the test CA.
+    pub fn client(&self, kind: ClientKind) -> reqwest::Client {
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap())
+            .timeout(Duration::from_secs(20));
+        if let Some((_, pem)) = self.identities.iter().find(|(k, _)| *k == kind) {
+            b = b.identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap());
+        }
+        b.build().unwrap()
+    }
+}
+
+/// Starts the binary with string flags.
+pub fn start_with(data_dir: &Path, flags: &[String], env: &[(&str, &str)]) -> Server {
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    Server::start_with_env(data_dir, &flags, env)
+}
+
+/// Sends a request and reads its JSON answer, for tests.
+pub trait SendJson {
+    /// The answer's body as JSON.
+    fn json_body(self) -> impl std::future::Future<Output = serde_json::Value>;
+    /// The answer's status and body as JSON.
+    fn status_json(self) -> impl std::future::Future<Output = (u16, serde_json::Value)>;
+}
+
+impl SendJson for reqwest::RequestBuilder {
+    async fn json_body(self) -> serde_json::Value {
+        self.status_json().await.1
+    }
+
+    async fn status_json(self) -> (u16, serde_json::Value) {
+        let r = self.send().await.expect("request sent");
+        let status = r.status().as_u16();
+        let text = r.text().await.expect("body read");
+        let body =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+        (status, body)
+    }
+}
