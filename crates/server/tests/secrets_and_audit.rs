@@ -349,3 +349,42 @@ async fn admin_endpoints_need_the_admin_token_or_an_admin_certificate() {
     assert_eq!(v["stats"]["entries"], 2);
     assert_eq!(v["stats"]["require_client_cert"], true);
 }
+
+#[tokio::test]
+async fn forwarded_for_is_believed_only_from_trusted_proxies() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |flags: Vec<String>, name: &str| {
+        let audit = dir.path().join(format!("{name}.jsonl"));
+        let mut flags = flags;
+        flags.extend(["--audit-log".into(), audit.display().to_string()]);
+        (start_with(&dir.path().join(name), &flags, &[]), audit)
+    };
+    for (trusted, want) in [(false, "127.0.0.1"), (true, "203.0.113.7")] {
+        let flags = if trusted {
+            vec!["--trusted-proxy".into(), "127.0.0.1".into()]
+        } else {
+            vec![]
+        };
+        let (mut s, audit) = run(flags, if trusted { "trusted" } else { "untrusted" });
+        let r = common::client()
+            .get(s.url("/v1/kv/c/f/k"))
+            .header("Amphora-Read-Token", common::READ)
+            .header("X-Forwarded-For", "198.51.100.1, 203.0.113.7")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+        assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+        assert_eq!(r.headers()["content-type"], "application/json");
+        assert!(s.terminate(Duration::from_secs(15)).unwrap().success());
+        let record: Value = serde_json::from_str(
+            std::fs::read_to_string(&audit)
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(record["client"], want, "trusted proxy: {trusted}");
+    }
+}
