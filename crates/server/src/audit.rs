@@ -51,8 +51,8 @@ impl Audit {
     }
 
     /// An audit log to `target`: a file path (appended to, created with mode 0600),
-    /// or `-` for standard output. Answers the writer task too.
-    pub fn open(target: &Path) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
+    /// or `-` for standard output.
+    pub fn open(target: &Path) -> anyhow::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt;
         let out: Box<dyn Write + Send> = if target == Path::new("-") {
             Box::new(std::io::stdout())
@@ -69,7 +69,7 @@ impl Audit {
             )
         };
         let (tx, mut rx) = mpsc::channel::<Msg>(8192);
-        let task = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let mut out = std::io::BufWriter::new(out);
             let mut waiting = Vec::new();
             while let Some(first) = rx.blocking_recv() {
@@ -91,7 +91,7 @@ impl Audit {
                 }
             }
         });
-        Ok((Audit { tx: Some(tx) }, task))
+        Ok(Audit { tx: Some(tx) })
     }
 
     /// True when records are written somewhere.

@@ -265,8 +265,10 @@ async fn observe(State(state): State<Shared>, req: Request, next: Next) -> Respo
         status.as_u16(),
         elapsed.as_secs_f64(),
     );
+    // One line per request at debug level: at info it would cost more than the
+    // request itself under load (AMPHORA_LOG=amphora_server::http=debug shows them).
     span.in_scope(|| {
-        tracing::info!(
+        tracing::debug!(
             status = status.as_u16(),
             micros = elapsed.as_micros() as u64,
             path = %truncate(&path, 512),

@@ -60,12 +60,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         Some(path) => Some(read_admin_token(path)?),
         None => None,
     };
-    let (audit, audit_task) = match &settings.audit_log {
-        Some(target) => {
-            let (audit, task) = audit::Audit::open(target)?;
-            (audit, Some(task))
-        }
-        None => (audit::Audit::off(), None),
+    let audit = match &settings.audit_log {
+        Some(target) => audit::Audit::open(target)?,
+        None => audit::Audit::off(),
     };
     let metrics = Arc::new(Metrics::new());
     let observer = metrics.clone();
@@ -134,13 +131,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     sweeper.abort();
     let _ = sweeper.await;
     store.close().await.context("closing the store")?;
+    // Every record sent so far is written and flushed; the writer task ends with
+    // the process.
     audit.flush().await;
-    drop(audit);
-    if let Some(task) = audit_task {
-        // Other holders of the audit handle are gone with the connections; do not
-        // wait forever if one lingers.
-        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-    }
     tracing::info!("shut down cleanly");
     Ok(())
 }

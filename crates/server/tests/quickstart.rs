@@ -24,6 +24,16 @@ fn quickstart_script() -> String {
     block[body_start..body_end].to_owned()
 }
 
+/// True when the process has exited (is a zombie), without reaping it.
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -58,19 +68,22 @@ fn readme_tls_quick_start_works_as_written() {
         .spawn()
         .expect("bash");
     let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
+    let finished = loop {
+        if exited(child.id()) {
+            break true;
         }
         if Instant::now() > deadline {
-            break None;
+            break false;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    // Whatever happened, nothing of the script may outlive the test.
+    // The script is not reaped yet, so its process group id cannot have been reused:
+    // this kills only what is left of the script (its background server, if any).
     let _ = Command::new("kill")
         .args(["-KILL", &format!("-{}", child.id())])
         .status();
+    let status = child.wait().expect("reap the script");
+    let status = finished.then_some(status);
     let (mut out, mut err) = (String::new(), String::new());
     child
         .stdout

@@ -17,6 +17,7 @@ mod error;
 pub mod redb;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+mod wal;
 
 pub use error::StoreError;
 

@@ -1,19 +1,28 @@
 //! The embedded engine: redb in one file, with group commit.
 //!
 //! One writer thread owns every write. It takes all pending operations from a
-//! bounded queue, applies them in order in one redb write transaction, commits it
-//! with one fsync (`Durability::Immediate`), and only then acknowledges each
-//! operation and publishes its events. Readers open their own MVCC read
+//! bounded queue and applies them in order in one redb write transaction; it then
+//! appends the batch to the write-ahead log (`wal.rs`) with one `fdatasync`, commits
+//! the transaction without fsync (`Durability::None`: visible to readers, not yet on
+//! disk), and only then acknowledges each operation and publishes its events. A
+//! checkpoint (a `Durability::Immediate` commit, every second or 64 MiB of log) makes
+//! the B-tree durable and empties the log. At start, batches logged after the last
+//! checkpoint are replayed: applying a batch is deterministic given the state and the
+//! batch's clock, both of which the log keeps. Readers open their own MVCC read
 //! transactions and never wait for the writer.
 //!
 //! Tables:
 //! - `kv`: key → create revision, mod revision, lease (0 = none), value;
-//! - `log`: revision → event (the history and the change feed);
-//! - `keylog`: (key, revision) → () (per-key history index);
+//! - `log`: revision → event (the change feed); each event also names the revision
+//!   of the previous event of the same key, so a key's history is a chain through
+//!   the log that starts at its entry (or its grave) and costs no index of its own;
+//! - `graves`: key → revision of its deletion, for deleted keys whose deletion is
+//!   still in the log (where a deleted key's history starts);
 //! - `leases`: lease → (ttl ms, expiry ms); `lease_expiry`: (expiry ms, lease) → ();
 //!   `lease_keys`: (lease, key) → ();
 //! - `meta`: "revision", "next_lease", "compacted" → u64.
 
+use crate::wal::{Appender, Wal};
 use crate::{
     CommitInfo, CommitObserver, Condition, Event, EventKind, KeyValue, Lease, LeaseChoice, LeaseId,
     Page, Put, Result, Revision, Store, StoreError, now_ms,
@@ -28,7 +37,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-const KEYLOG: TableDefinition<(&[u8], u64), ()> = TableDefinition::new("keylog");
+const GRAVES: TableDefinition<&[u8], u64> = TableDefinition::new("graves");
 const LEASES: TableDefinition<u64, (u64, u64)> = TableDefinition::new("leases");
 const LEASE_EXPIRY: TableDefinition<(u64, u64), ()> = TableDefinition::new("lease_expiry");
 const LEASE_KEYS: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("lease_keys");
@@ -46,6 +55,12 @@ pub struct RedbOptions {
     pub compaction_step: usize,
     /// Told of every commit.
     pub on_commit: Option<CommitObserver>,
+    /// Memory for redb's page cache and write buffer.
+    pub cache_bytes: usize,
+    /// The longest time between checkpoints while writes come in.
+    pub checkpoint_interval: Duration,
+    /// The largest write-ahead log before a checkpoint.
+    pub checkpoint_bytes: u64,
 }
 
 impl Default for RedbOptions {
@@ -55,6 +70,9 @@ impl Default for RedbOptions {
             queue_capacity: 16 * 1024,
             compaction_step: 10_000,
             on_commit: None,
+            cache_bytes: 32 * 1024 * 1024,
+            checkpoint_interval: Duration::from_secs(1),
+            checkpoint_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -149,22 +167,26 @@ impl<'a> Stored<'a> {
     }
 }
 
-fn encode_event(kind: EventKind, at_ms: u64, key: &[u8], value: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(13 + key.len() + value.len());
+/// A log event: kind, time, the revision of the key's previous event (0: none),
+/// the key, the value.
+fn encode_event(kind: EventKind, at_ms: u64, prev: Revision, key: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(21 + key.len() + value.len());
     out.push(match kind {
         EventKind::Put => 1,
         EventKind::Delete => 2,
     });
     out.extend_from_slice(&at_ms.to_be_bytes());
+    out.extend_from_slice(&prev.to_be_bytes());
     out.extend_from_slice(&(key.len() as u32).to_be_bytes());
     out.extend_from_slice(key);
     out.extend_from_slice(value);
     out
 }
 
-fn decode_event(revision: Revision, bytes: &[u8]) -> Result<Event> {
+/// Decodes a log event; answers it with the revision of the key's previous event.
+fn decode_event(revision: Revision, bytes: &[u8]) -> Result<(Event, Revision)> {
     let bad = || StoreError::Corrupted(format!("log record {revision} is malformed"));
-    if bytes.len() < 13 {
+    if bytes.len() < 21 {
         return Err(bad());
     }
     let kind = match bytes[0] {
@@ -173,15 +195,17 @@ fn decode_event(revision: Revision, bytes: &[u8]) -> Result<Event> {
         _ => return Err(bad()),
     };
     let at_ms = u64::from_be_bytes(bytes[1..9].try_into().expect("8 bytes"));
-    let key_len = u32::from_be_bytes(bytes[9..13].try_into().expect("4 bytes")) as usize;
-    let key = bytes.get(13..13 + key_len).ok_or_else(bad)?.to_vec();
-    Ok(Event {
+    let prev = u64::from_be_bytes(bytes[9..17].try_into().expect("8 bytes"));
+    let key_len = u32::from_be_bytes(bytes[17..21].try_into().expect("4 bytes")) as usize;
+    let key = bytes.get(21..21 + key_len).ok_or_else(bad)?.to_vec();
+    let event = Event {
         revision,
         kind,
         key,
-        value: bytes[13 + key_len..].to_vec(),
+        value: bytes[21 + key_len..].to_vec(),
         at_ms,
-    })
+    };
+    Ok((event, prev))
 }
 
 fn lease_live(
@@ -205,14 +229,17 @@ fn lease_live(
 impl RedbStore {
     /// Opens (or creates) the database file at `path` and starts the writer thread.
     pub fn open(path: &Path, options: RedbOptions) -> Result<Self> {
-        let db = Database::create(path).map_err(backend)?;
-        let (committed, compacted, next_lease) = {
+        let db = Database::builder()
+            .set_cache_size(options.cache_bytes)
+            .create(path)
+            .map_err(backend)?;
+        let (committed, compacted, next_lease, batch_seq) = {
             let txn = db.begin_write().map_err(backend)?;
             let meta_values = {
                 // Create every table up front so readers never meet a missing one.
                 txn.open_table(KV).map_err(backend)?;
                 txn.open_table(LOG).map_err(backend)?;
-                txn.open_table(KEYLOG).map_err(backend)?;
+                txn.open_table(GRAVES).map_err(backend)?;
                 txn.open_table(LEASES).map_err(backend)?;
                 txn.open_table(LEASE_EXPIRY).map_err(backend)?;
                 txn.open_table(LEASE_KEYS).map_err(backend)?;
@@ -228,6 +255,7 @@ impl RedbStore {
                     get("revision")?,
                     get("compacted")?,
                     get("next_lease")?.max(1),
+                    get("batch_seq")?,
                 )
             };
             txn.commit().map_err(backend)?;
@@ -240,13 +268,21 @@ impl RedbStore {
             committed: AtomicU64::new(committed),
             compacted: AtomicU64::new(compacted),
         });
+        let (wal, records) = Wal::open(&path.with_extension("wal"))
+            .map_err(|e| StoreError::Io(format!("opening the write-ahead log: {e}")))?;
         let (queue, rx) = mpsc::channel(options.queue_capacity.max(1));
-        let writer = Writer {
+        let mut writer = Writer {
             shared: shared.clone(),
             revision: committed,
             next_lease,
             options,
+            wal: Appender::spawn(wal)
+                .map_err(|e| StoreError::Io(format!("starting the log thread: {e}")))?,
+            seq: batch_seq,
+            last_checkpoint: Instant::now(),
+            poisoned: false,
         };
+        writer.replay(records)?;
         let handle = std::thread::Builder::new()
             .name("amphora-redb-writer".into())
             .spawn(move || writer.run(rx))
@@ -346,20 +382,27 @@ impl Store for RedbStore {
 
     async fn history(&self, key: &[u8], limit: usize) -> Result<Vec<Event>> {
         let txn = self.read()?;
-        let keylog = txn.open_table(KEYLOG).map_err(backend)?;
+        let kv = txn.open_table(KV).map_err(backend)?;
+        let graves = txn.open_table(GRAVES).map_err(backend)?;
         let log = txn.open_table(LOG).map_err(backend)?;
+        // The newest event: the entry's last change, or its deletion.
+        let mut revision = match kv.get(key).map_err(backend)? {
+            Some(g) => Stored::decode(g.value())?.modified,
+            None => graves
+                .get(key)
+                .map_err(backend)?
+                .map(|g| g.value())
+                .unwrap_or(0),
+        };
         let mut out = Vec::new();
-        for item in keylog
-            .range((key, 0u64)..=(key, u64::MAX))
-            .map_err(backend)?
-            .rev()
-            .take(limit)
-        {
-            let (k, _) = item.map_err(backend)?;
-            let revision = k.value().1;
-            if let Some(bytes) = log.get(revision).map_err(backend)? {
-                out.push(decode_event(revision, bytes.value())?);
-            }
+        while revision != 0 && out.len() < limit {
+            // A missing revision has been compacted away: the history ends there.
+            let Some(bytes) = log.get(revision).map_err(backend)? else {
+                break;
+            };
+            let (event, prev) = decode_event(revision, bytes.value())?;
+            out.push(event);
+            revision = prev;
         }
         Ok(out)
     }
@@ -374,7 +417,7 @@ impl Store for RedbStore {
         let mut out = Vec::new();
         for item in log.range(from..).map_err(backend)?.take(limit) {
             let (k, v) = item.map_err(backend)?;
-            out.push(decode_event(k.value(), v.value())?);
+            out.push(decode_event(k.value(), v.value())?.0);
         }
         Ok(out)
     }
@@ -458,13 +501,20 @@ struct Writer {
     revision: Revision,
     next_lease: LeaseId,
     options: RedbOptions,
+    wal: Appender,
+    /// The sequence number of the last logged batch.
+    seq: u64,
+    last_checkpoint: Instant,
+    /// Set when a batch was logged but its commit failed: memory and log disagree,
+    /// so no further write is accepted until a restart replays the log.
+    poisoned: bool,
 }
 
 /// Tables of the current write transaction.
 struct Tables<'t> {
     kv: redb::Table<'t, &'static [u8], &'static [u8]>,
     log: redb::Table<'t, u64, &'static [u8]>,
-    keylog: redb::Table<'t, (&'static [u8], u64), ()>,
+    graves: redb::Table<'t, &'static [u8], u64>,
     leases: redb::Table<'t, u64, (u64, u64)>,
     lease_expiry: redb::Table<'t, (u64, u64), ()>,
     lease_keys: redb::Table<'t, (u64, &'static [u8]), ()>,
@@ -495,6 +545,9 @@ impl Writer {
             }
             self.commit_batch(batch);
         }
+        if let Err(e) = self.checkpoint() {
+            tracing::error!(error = %e, "final checkpoint failed; the write-ahead log keeps every write");
+        }
         rx.close();
         while let Ok(late) = rx.try_recv() {
             let _ = late
@@ -507,7 +560,20 @@ impl Writer {
         let started = Instant::now();
         let before = (self.revision, self.next_lease);
         let mut events = Vec::new();
-        let applied = self.apply(&batch, &mut events);
+        let ops: Vec<&Op> = batch.iter().map(|p| &p.op).collect();
+        let applied = if self.poisoned {
+            Err(StoreError::Unavailable(
+                "the store failed after logging a batch; restart to recover from the write-ahead log".into(),
+            ))
+        } else {
+            self.seq += 1;
+            let payload = encode_ops(&ops);
+            let applied = self.apply(&ops, now_ms(), &mut events, Some(&payload));
+            if applied.is_err() && !self.poisoned {
+                self.seq -= 1;
+            }
+            applied
+        };
         let size = batch.len();
         match applied {
             Ok((outcomes, compacted)) => {
@@ -540,6 +606,58 @@ impl Writer {
                 duration: started.elapsed(),
             });
         }
+        let due = self.wal.len() >= self.options.checkpoint_bytes
+            || (self.wal.len() > 0
+                && self.last_checkpoint.elapsed() >= self.options.checkpoint_interval);
+        if due
+            && !self.poisoned
+            && let Err(e) = self.checkpoint()
+        {
+            tracing::error!(error = %e, "checkpoint failed; the write-ahead log keeps every write");
+        }
+    }
+
+    /// Makes every committed batch durable in the B-tree, then empties the log.
+    fn checkpoint(&mut self) -> Result<()> {
+        let txn = self.shared.db.begin_write().map_err(backend)?;
+        {
+            let mut meta = txn.open_table(META).map_err(backend)?;
+            meta.insert("batch_seq", self.seq).map_err(backend)?;
+        }
+        // Immediate is redb's default: this commit flushes every buffered page and fsyncs.
+        txn.commit().map_err(backend)?;
+        self.wal
+            .reset()
+            .map_err(|e| StoreError::Io(format!("emptying the write-ahead log: {e}")))?;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// Re-applies the batches logged after the last checkpoint, then checkpoints.
+    fn replay(&mut self, records: Vec<crate::wal::Record>) -> Result<()> {
+        let mut replayed = 0;
+        for record in records {
+            if record.seq <= self.seq {
+                continue;
+            }
+            let ops = decode_ops(&record.payload)?;
+            let refs: Vec<&Op> = ops.iter().collect();
+            self.seq = record.seq;
+            self.apply(&refs, record.now_ms, &mut Vec::new(), None)?;
+            replayed += 1;
+        }
+        self.checkpoint()?;
+        self.shared
+            .committed
+            .store(self.revision, Ordering::Release);
+        if replayed > 0 {
+            tracing::info!(
+                batches = replayed,
+                revision = self.revision,
+                "replayed the write-ahead log"
+            );
+        }
+        Ok(())
     }
 
     /// Applies a batch in one transaction and commits it. The outer error fails the
@@ -548,24 +666,64 @@ impl Writer {
     #[allow(clippy::type_complexity)]
     fn apply(
         &mut self,
-        batch: &[Pending],
+        batch: &[&Op],
+        now: u64,
+        events: &mut Vec<Event>,
+        log: Option<&[u8]>,
+    ) -> Result<(Vec<Result<Outcome>>, Option<Revision>)> {
+        let mut txn = self.shared.db.begin_write().map_err(backend)?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        // The log append and its fsync run on the log's thread while this one applies
+        // the batch: the two costs overlap instead of adding up.
+        if let Some(payload) = log {
+            self.wal.start(self.seq, now, payload.to_vec());
+        }
+        let applied = self.apply_ops(&txn, batch, now, events);
+        if log.is_some() {
+            match (&applied, self.wal.finish()) {
+                (Ok(_), Err(e)) => {
+                    // Not logged (the log cut its partial record off): abort the batch.
+                    return Err(StoreError::Io(format!("writing the write-ahead log: {e}")));
+                }
+                (Err(_), Ok(())) => {
+                    // Logged but not applied: memory and log disagree until a restart
+                    // replays the log.
+                    self.poisoned = true;
+                }
+                _ => {}
+            }
+        }
+        let (outcomes, compacted) = applied?;
+        // The batch is durable in the log before anyone can see it.
+        if let Err(e) = txn.commit() {
+            self.poisoned = log.is_some();
+            return Err(backend(e));
+        }
+        Ok((outcomes, compacted))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn apply_ops(
+        &mut self,
+        txn: &redb::WriteTransaction,
+        batch: &[&Op],
+        now: u64,
         events: &mut Vec<Event>,
     ) -> Result<(Vec<Result<Outcome>>, Option<Revision>)> {
-        let txn = self.shared.db.begin_write().map_err(backend)?;
-        let now = now_ms();
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut compacted = None;
         {
             let mut t = Tables {
                 kv: txn.open_table(KV).map_err(backend)?,
                 log: txn.open_table(LOG).map_err(backend)?,
-                keylog: txn.open_table(KEYLOG).map_err(backend)?,
+                graves: txn.open_table(GRAVES).map_err(backend)?,
                 leases: txn.open_table(LEASES).map_err(backend)?,
                 lease_expiry: txn.open_table(LEASE_EXPIRY).map_err(backend)?,
                 lease_keys: txn.open_table(LEASE_KEYS).map_err(backend)?,
             };
-            for pending in batch {
-                let outcome = match &pending.op {
+            for op in batch {
+                let outcome = match op {
                     Op::Put(put) => self.put(&mut t, put, now, events).map(Outcome::Revision),
                     Op::Delete(key, cond) => self
                         .delete(&mut t, key, *cond, now, events)
@@ -596,27 +754,33 @@ impl Writer {
             if let Some(c) = compacted {
                 meta.insert("compacted", c).map_err(backend)?;
             }
+            meta.insert("batch_seq", self.seq).map_err(backend)?;
         }
-        // Durability::Immediate is redb's default: commit returns after the fsync.
-        txn.commit().map_err(backend)?;
         Ok((outcomes, compacted))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn record(
         &mut self,
         t: &mut Tables,
         kind: EventKind,
         key: &[u8],
         value: &[u8],
+        prev: Revision,
         now: u64,
         events: &mut Vec<Event>,
     ) -> Result<Revision> {
         self.revision += 1;
         let revision = self.revision;
         t.log
-            .insert(revision, encode_event(kind, now, key, value).as_slice())
+            .insert(
+                revision,
+                encode_event(kind, now, prev, key, value).as_slice(),
+            )
             .map_err(backend)?;
-        t.keylog.insert((key, revision), ()).map_err(backend)?;
+        if kind == EventKind::Delete {
+            t.graves.insert(key, revision).map_err(backend)?;
+        }
         events.push(Event {
             revision,
             kind,
@@ -669,10 +833,12 @@ impl Writer {
                 id
             }
         };
-        if let Some((_, _, old_lease, was_live)) = current {
+        let mut prev = 0;
+        if let Some((_, modified, old_lease, was_live)) = current {
+            prev = modified;
             if !was_live {
                 // The old incarnation expired but was not swept yet: record its end first.
-                self.record(t, EventKind::Delete, &put.key, &[], now, events)?;
+                prev = self.record(t, EventKind::Delete, &put.key, &[], prev, now, events)?;
             }
             if old_lease != 0 && old_lease != lease {
                 t.lease_keys
@@ -680,7 +846,13 @@ impl Writer {
                     .map_err(backend)?;
             }
         }
-        let revision = self.record(t, EventKind::Put, &put.key, &put.value, now, events)?;
+        if live.is_none() {
+            // A new incarnation: its history goes on from the deletion of the last one.
+            if let Some(grave) = t.graves.remove(put.key.as_slice()).map_err(backend)? {
+                prev = grave.value();
+            }
+        }
+        let revision = self.record(t, EventKind::Put, &put.key, &put.value, prev, now, events)?;
         let create = live.map(|c| c.0).unwrap_or(revision);
         t.kv.insert(
             put.key.as_slice(),
@@ -715,16 +887,19 @@ impl Writer {
                 current: live.map(|c| c.1),
             });
         }
-        let Some((_, _, lease, _)) = live else {
+        let Some((_, modified, lease, _)) = live else {
             return Ok(None);
         };
-        self.remove_key(t, key, lease, now, events).map(Some)
+        self.remove_key(t, key, modified, lease, now, events)
+            .map(Some)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn remove_key(
         &mut self,
         t: &mut Tables,
         key: &[u8],
+        modified: Revision,
         lease: LeaseId,
         now: u64,
         events: &mut Vec<Event>,
@@ -733,7 +908,7 @@ impl Writer {
         if lease != 0 {
             t.lease_keys.remove((lease, key)).map_err(backend)?;
         }
-        self.record(t, EventKind::Delete, key, &[], now, events)
+        self.record(t, EventKind::Delete, key, &[], modified, now, events)
     }
 
     fn grant(&mut self, t: &mut Tables, ttl: Duration, now: u64) -> Result<Lease> {
@@ -794,11 +969,13 @@ impl Writer {
             .map(|item| item.map(|(k, _)| k.value().1.to_vec()).map_err(backend))
             .collect::<Result<_>>()?;
         for key in keys {
-            let attached = Self::current(t, &key, now)?.is_some_and(|c| c.2 == id);
-            if attached {
-                self.remove_key(t, &key, id, now, events)?;
-            } else {
-                t.lease_keys.remove((id, key.as_slice())).map_err(backend)?;
+            match Self::current(t, &key, now)? {
+                Some((_, modified, lease, _)) if lease == id => {
+                    self.remove_key(t, &key, modified, id, now, events)?;
+                }
+                _ => {
+                    t.lease_keys.remove((id, key.as_slice())).map_err(backend)?;
+                }
             }
         }
         Ok(())
@@ -826,19 +1003,161 @@ impl Writer {
             .take(self.options.compaction_step)
         {
             let (k, v) = item.map_err(backend)?;
-            let event = decode_event(k.value(), v.value())?;
+            let (event, _) = decode_event(k.value(), v.value())?;
             if event.at_ms >= before_ms {
                 break;
             }
-            doomed.push((event.revision, event.key));
+            doomed.push(event);
         }
-        let last = doomed.last().map(|d| d.0);
-        for (revision, key) in &doomed {
-            t.log.remove(revision).map_err(backend)?;
-            t.keylog
-                .remove((key.as_slice(), *revision))
-                .map_err(backend)?;
+        let last = doomed.last().map(|d| d.revision);
+        for event in &doomed {
+            t.log.remove(event.revision).map_err(backend)?;
+            if event.kind == EventKind::Delete {
+                // The grave points at this deletion only while no newer incarnation exists.
+                let points_here = t
+                    .graves
+                    .get(event.key.as_slice())
+                    .map_err(backend)?
+                    .map(|g| g.value())
+                    == Some(event.revision);
+                if points_here {
+                    t.graves.remove(event.key.as_slice()).map_err(backend)?;
+                }
+            }
         }
         Ok((doomed.len(), last))
     }
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+    out.extend_from_slice(b);
+}
+
+fn put_condition(out: &mut Vec<u8>, c: Condition) {
+    let (tag, rev) = match c {
+        Condition::None => (0u8, 0),
+        Condition::Absent => (1, 0),
+        Condition::Exists => (2, 0),
+        Condition::Revision(r) => (3, r),
+    };
+    out.push(tag);
+    out.extend_from_slice(&rev.to_be_bytes());
+}
+
+/// Encodes the logged operations of a batch for the write-ahead log.
+fn encode_ops(ops: &[&Op]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for op in ops {
+        match op {
+            Op::Put(p) => {
+                out.push(1);
+                put_bytes(&mut out, &p.key);
+                put_bytes(&mut out, &p.value);
+                put_condition(&mut out, p.condition);
+                let (tag, id) = match p.lease {
+                    LeaseChoice::Keep => (0u8, 0),
+                    LeaseChoice::Set(id) => (1, id),
+                    LeaseChoice::Clear => (2, 0),
+                };
+                out.push(tag);
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+            Op::Delete(key, c) => {
+                out.push(2);
+                put_bytes(&mut out, key);
+                put_condition(&mut out, *c);
+            }
+            Op::Grant(ttl) => {
+                out.push(3);
+                out.extend_from_slice(&(ttl.as_millis() as u64).to_be_bytes());
+            }
+            Op::KeepAlive(id) => {
+                out.push(4);
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+            Op::Revoke(id) => {
+                out.push(5);
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+            Op::Sweep => out.push(6),
+            Op::Compact(before) => {
+                out.push(7);
+                out.extend_from_slice(&before.to_be_bytes());
+            }
+            // Changes nothing; its place in the batch does not matter on replay.
+            Op::Shutdown => out.push(8),
+        }
+    }
+    out
+}
+
+/// Decodes what [`encode_ops`] wrote.
+fn decode_ops(mut b: &[u8]) -> Result<Vec<Op>> {
+    fn bad() -> StoreError {
+        StoreError::Corrupted("malformed write-ahead log record".into())
+    }
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8]> {
+        if b.len() < n {
+            return Err(bad());
+        }
+        let (head, tail) = b.split_at(n);
+        *b = tail;
+        Ok(head)
+    }
+    fn u64_(b: &mut &[u8]) -> Result<u64> {
+        Ok(u64::from_be_bytes(take(b, 8)?.try_into().expect("8 bytes")))
+    }
+    fn bytes(b: &mut &[u8]) -> Result<Vec<u8>> {
+        let n = u32::from_be_bytes(take(b, 4)?.try_into().expect("4 bytes")) as usize;
+        Ok(take(b, n)?.to_vec())
+    }
+    fn condition(b: &mut &[u8]) -> Result<Condition> {
+        let tag = take(b, 1)?[0];
+        let rev = u64_(b)?;
+        Ok(match tag {
+            0 => Condition::None,
+            1 => Condition::Absent,
+            2 => Condition::Exists,
+            3 => Condition::Revision(rev),
+            _ => return Err(bad()),
+        })
+    }
+    let mut ops = Vec::new();
+    while !b.is_empty() {
+        let tag = take(&mut b, 1)?[0];
+        ops.push(match tag {
+            1 => {
+                let key = bytes(&mut b)?;
+                let value = bytes(&mut b)?;
+                let condition = condition(&mut b)?;
+                let lease_tag = take(&mut b, 1)?[0];
+                let id = u64_(&mut b)?;
+                let lease = match lease_tag {
+                    0 => LeaseChoice::Keep,
+                    1 => LeaseChoice::Set(id),
+                    2 => LeaseChoice::Clear,
+                    _ => return Err(bad()),
+                };
+                Op::Put(Put {
+                    key,
+                    value,
+                    condition,
+                    lease,
+                })
+            }
+            2 => {
+                let key = bytes(&mut b)?;
+                Op::Delete(key, condition(&mut b)?)
+            }
+            3 => Op::Grant(Duration::from_millis(u64_(&mut b)?)),
+            4 => Op::KeepAlive(u64_(&mut b)?),
+            5 => Op::Revoke(u64_(&mut b)?),
+            6 => Op::Sweep,
+            7 => Op::Compact(u64_(&mut b)?),
+            8 => Op::Shutdown,
+            _ => return Err(bad()),
+        });
+    }
+    Ok(ops)
 }

@@ -51,3 +51,113 @@ proptest! {
         rt.block_on(testkit::model_based(open(&dir), ops));
     }
 }
+
+/// Acknowledged writes that only the write-ahead log holds (no checkpoint yet) are
+/// all there after a "crash": the files as they are on disk at that moment are
+/// copied while the store still runs, and the copy is opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redb_replays_the_write_ahead_log_after_a_crash() {
+    use amphora_store::{Condition, LeaseChoice, Put, Store};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let no_checkpoint = || RedbOptions {
+        checkpoint_interval: Duration::from_secs(3600),
+        ..RedbOptions::default()
+    };
+    let s = RedbStore::open(&dir.path().join("a.redb"), no_checkpoint()).unwrap();
+    let put = |k: &str, v: &str, condition| Put {
+        key: k.as_bytes().to_vec(),
+        value: v.as_bytes().to_vec(),
+        condition,
+        lease: LeaseChoice::Keep,
+    };
+    let mut writes = Vec::new();
+    for i in 0..200 {
+        writes.push(s.put(put(
+            &format!("k{:03}", i % 50),
+            &format!("v{i}"),
+            Condition::None,
+        )));
+    }
+    for w in futures_like_join(writes).await {
+        w.unwrap();
+    }
+    s.delete(b"k007", Condition::None).await.unwrap();
+    assert_eq!(
+        s.put(put("k008", "x", Condition::Absent)).await,
+        Err(amphora_store::StoreError::Conflict { current: Some(159) })
+    );
+    let lease = s.grant_lease(Duration::from_secs(600)).await.unwrap();
+    s.put(Put {
+        lease: LeaseChoice::Set(lease.id),
+        ..put("leased", "v", Condition::None)
+    })
+    .await
+    .unwrap();
+    let revision = s.revision().await.unwrap();
+    let before = s.range(b"", None, 1000).await.unwrap();
+
+    // The crash: whatever the files hold now.
+    let crashed = tempfile::tempdir().unwrap();
+    for f in ["a.redb", "a.wal"] {
+        std::fs::copy(dir.path().join(f), crashed.path().join(f)).unwrap();
+    }
+    assert!(
+        std::fs::metadata(crashed.path().join("a.wal"))
+            .unwrap()
+            .len()
+            > 0,
+        "the log holds the writes"
+    );
+    let r = RedbStore::open(&crashed.path().join("a.redb"), RedbOptions::default()).unwrap();
+    assert_eq!(r.revision().await.unwrap(), revision);
+    assert_eq!(r.range(b"", None, 1000).await.unwrap(), before);
+    assert_eq!(
+        r.lease(lease.id).await.unwrap().map(|l| l.id),
+        Some(lease.id)
+    );
+    assert_eq!(
+        r.history(b"k007", 10).await.unwrap()[0].kind,
+        amphora_store::EventKind::Delete
+    );
+    // After replay the log was checkpointed and emptied.
+    assert_eq!(
+        std::fs::metadata(crashed.path().join("a.wal"))
+            .unwrap()
+            .len(),
+        0
+    );
+    // And it goes on from where it was.
+    assert_eq!(
+        r.put(put("new", "v", Condition::Absent)).await.unwrap(),
+        revision + 1
+    );
+    r.close().await.unwrap();
+    s.close().await.unwrap();
+}
+
+/// Awaits futures concurrently so that they share group commits.
+async fn futures_like_join<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let mut futs: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in futs.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|o| o.expect("every future finished"))
+        .collect()
+}

@@ -39,7 +39,7 @@ impl Server {
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
-            .env("AMPHORA_LOG", "info")
+            .env("AMPHORA_LOG", "info,amphora_server::http=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);

@@ -1,0 +1,261 @@
+//! The Markdown report: machine, settings, every measurement, ratios computed pair by
+//! pair within the run, and the goals with their verdicts.
+
+use crate::suite::{Results, Row, SuiteArgs};
+use crate::targets::Kind;
+use std::fmt::Write;
+use std::process::Command;
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// A description of the machine and the software measured.
+pub fn machine(a: &SuiteArgs) -> Vec<(String, String)> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown")
+        .trim()
+        .to_owned();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem = meminfo
+        .lines()
+        .next()
+        .unwrap_or("")
+        .replace("MemTotal:", "")
+        .trim()
+        .to_owned();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mut m = vec![
+        ("date".into(), run("date", &["-u", "+%Y-%m-%d %H:%M UTC"])),
+        ("cpu".into(), format!("{cores} cores, {model}")),
+        ("memory".into(), mem),
+        ("kernel".into(), run("uname", &["-sr"])),
+        (
+            "scratch file system".into(),
+            run(
+                "stat",
+                &["-f", "-c", "%T", &a.scratch.display().to_string()],
+            ),
+        ),
+        ("rustc".into(), run("rustc", &["--version"])),
+    ];
+    if let Some(etcd) = &a.etcd_bin {
+        m.push((
+            "etcd".into(),
+            run(&etcd.display().to_string(), &["--version"]),
+        ));
+    }
+    if let Some(redis) = &a.redis_bin {
+        m.push((
+            "redis".into(),
+            run(&redis.display().to_string(), &["--version"]),
+        ));
+    }
+    m
+}
+
+fn find<'a>(rows: &'a [Row], workload: &str, kind: Kind) -> Option<&'a Row> {
+    rows.iter()
+        .find(|r| r.workload == workload && r.target == kind)
+}
+
+fn verdict(ok: Option<bool>) -> &'static str {
+    match ok {
+        Some(true) => "**met**",
+        Some(false) => "**not met**",
+        None => "not measured",
+    }
+}
+
+/// Renders the report.
+pub fn markdown(r: &Results) -> String {
+    let mut o = String::new();
+    let s = &r.settings;
+    let _ = writeln!(o, "# Benchmarks\n");
+    let _ = writeln!(
+        o,
+        "Made by `{}` in one run: every system on the same machine, started fresh by the \
+         harness (`crates/bench`), driven by the same load generator with the same workload. \
+         Client and servers share the machine. Do not edit by hand: run the script again.\n",
+        s["command"].as_str().unwrap_or("scripts/bench.sh")
+    );
+    let _ = writeln!(o, "## Machine\n\n| | |\n|---|---|");
+    for (k, v) in &r.machine {
+        let _ = writeln!(o, "| {k} | {v} |");
+    }
+    let _ = writeln!(
+        o,
+        "\n## Settings\n\n{} clients (one connection each, closed loop unless marked open), {} s per \
+         measurement, keys of {} bytes over a key space of {}, values of {} bytes, {} leases, {} \
+         entries for the memory measurement. Amphora runs with its defaults (embedded redb store, \
+         fsync per group commit). etcd runs as one member with its defaults; reads use serializable \
+         ranges. Redis runs with the append-only file, `appendfsync always` (durable, the fair \
+         comparison) and `everysec`.\n",
+        s["clients"],
+        s["duration_s"],
+        s["key_size"],
+        s["key_space"],
+        s["val_size"],
+        s["leases"],
+        s["memory_entries"]
+    );
+
+    let _ = writeln!(o, "## Results\n");
+    let _ = writeln!(
+        o,
+        "| workload | system | mode | req/s | p50 ms | p99 ms | p99.9 ms | server RSS MB | server CPU % | errors |"
+    );
+    let _ = writeln!(o, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for row in &r.rows {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0} | {} |",
+            row.workload,
+            row.target.label(),
+            row.mode,
+            row.rps,
+            row.p50_ms,
+            row.p99_ms,
+            row.p999_ms,
+            row.rss_mb,
+            row.cpu_pct,
+            row.errors
+        );
+    }
+
+    let peers = [
+        Kind::AmphoraComet,
+        Kind::EtcdGrpc,
+        Kind::EtcdGateway,
+        Kind::RedisAlways,
+        Kind::RedisEverysec,
+        Kind::BareHttp,
+    ];
+    let _ = writeln!(
+        o,
+        "\n## Ratios\n\nAmphora native API throughput divided by each peer's, workload by workload, in this run.\n"
+    );
+    let _ = writeln!(o, "| workload | {} |", peers.map(|p| p.label()).join(" | "));
+    let _ = writeln!(o, "|---|{}", "---:|".repeat(peers.len()));
+    let mut workloads: Vec<&str> = Vec::new();
+    for row in &r.rows {
+        if !workloads.contains(&row.workload.as_str()) && row.mode == "closed" {
+            workloads.push(&row.workload);
+        }
+    }
+    for w in &workloads {
+        let Some(ours) = find(&r.rows, w, Kind::AmphoraNative) else {
+            continue;
+        };
+        let cells: Vec<String> = peers
+            .iter()
+            .map(|p| match find(&r.rows, w, *p) {
+                Some(theirs) if theirs.rps > 0.0 => format!("{:.2}×", ours.rps / theirs.rps),
+                _ => "–".into(),
+            })
+            .collect();
+        let _ = writeln!(o, "| {w} | {} |", cells.join(" | "));
+    }
+
+    // Goals.
+    let rps = |w: &str, k: Kind| find(&r.rows, w, k).map(|x| x.rps);
+    let p99 = |w: &str, k: Kind| find(&r.rows, w, k).map(|x| x.p99_ms);
+    let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+    let mut goals: Vec<(String, String, Option<bool>)> = Vec::new();
+    let put_etcd = ratio(
+        rps("durable put", Kind::AmphoraNative),
+        rps("durable put", Kind::EtcdGrpc),
+    );
+    goals.push((
+        "durable put ≥ 2× etcd (gRPC)".into(),
+        fmt_ratio(put_etcd),
+        put_etcd.map(|x| x >= 2.0),
+    ));
+    let put_redis = ratio(
+        rps("durable put", Kind::AmphoraNative),
+        rps("durable put", Kind::RedisAlways),
+    );
+    goals.push((
+        "durable put ≥ Redis (appendfsync always)".into(),
+        fmt_ratio(put_redis),
+        put_redis.map(|x| x >= 1.0),
+    ));
+    let get_etcd = ratio(rps("get", Kind::AmphoraNative), rps("get", Kind::EtcdGrpc));
+    goals.push((
+        "get ≥ 2× etcd (gRPC, serializable)".into(),
+        fmt_ratio(get_etcd),
+        get_etcd.map(|x| x >= 2.0),
+    ));
+    let get_bare = ratio(rps("get", Kind::AmphoraNative), rps("get", Kind::BareHttp));
+    goals.push((
+        "get ≥ 70 % of the bare HTTP ceiling".into(),
+        fmt_ratio(get_bare),
+        get_bare.map(|x| x >= 0.7),
+    ));
+    for w in ["durable put", "get"] {
+        let label = format!("{w} at half peak");
+        let (ours, theirs) = (
+            p99(&label, Kind::AmphoraNative),
+            p99(&label, Kind::EtcdGrpc),
+        );
+        let detail = match (ours, theirs) {
+            (Some(a), Some(b)) => format!("p99 {a:.2} ms vs {b:.2} ms, each at half its own peak"),
+            _ => "–".into(),
+        };
+        goals.push((
+            format!("{w}: p99 at half the peak load ≤ etcd's"),
+            detail,
+            ours.zip(theirs).map(|(a, b)| a <= b),
+        ));
+    }
+    let mem = r
+        .rows
+        .iter()
+        .find(|x| x.workload.starts_with("memory") && x.target == Kind::AmphoraNative);
+    goals.push((
+        format!("{} entries of 256 B in ≤ 150 MB RSS", s["memory_entries"]),
+        mem.map(|m| format!("{:.1} MB (peak {:.1} MB)", m.rss_mb, m.peak_rss_mb))
+            .unwrap_or("–".into()),
+        mem.map(|m| m.rss_mb <= 150.0),
+    ));
+    goals.push((
+        "watch fan-out p99 < 200 ms at 10,000 watchers".into(),
+        "Amphora has no watch API yet (it lands with the watches issue)".into(),
+        None,
+    ));
+    let _ = writeln!(
+        o,
+        "\n## Goals\n\n| goal | measured | verdict |\n|---|---|---|"
+    );
+    for (g, m, v) in goals {
+        let _ = writeln!(o, "| {g} | {m} | {} |", verdict(v));
+    }
+    o
+}
+
+fn fmt_ratio(r: Option<f64>) -> String {
+    r.map(|x| format!("{x:.2}×")).unwrap_or_else(|| "–".into())
+}

@@ -1,0 +1,460 @@
+//! The whole comparison in one run: every system, every workload, the same clients,
+//! the same machine; then the report with ratios computed pair by pair.
+
+use crate::servers::{self, Server};
+use crate::targets::{Kind, Target, etcd_grpc, redis_preload};
+use crate::workload::{self, Amount, Mode, Shape, Workload};
+use anyhow::Context;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The suite's settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SuiteArgs {
+    /// The amphora binary (a release build).
+    #[arg(long, default_value = "target/release/amphora")]
+    pub amphora_bin: PathBuf,
+    /// The etcd binary; without it etcd is left out.
+    #[arg(long)]
+    pub etcd_bin: Option<PathBuf>,
+    /// The redis-server binary; without it Redis is left out.
+    #[arg(long)]
+    pub redis_bin: Option<PathBuf>,
+    /// Concurrent clients (one connection each).
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// How long each measurement runs.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Distinct keys of put, get, mixed and lease churn.
+    #[arg(long, default_value_t = 100_000)]
+    pub key_space: u64,
+    /// Bytes of a key.
+    #[arg(long, default_value_t = 16)]
+    pub key_size: usize,
+    /// Bytes of a value.
+    #[arg(long, default_value_t = 256)]
+    pub val_size: usize,
+    /// Leases renewed by the lease churn workload.
+    #[arg(long, default_value_t = 100_000)]
+    pub leases: u64,
+    /// Entries loaded for the memory measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub memory_entries: u64,
+    /// Where scratch data directories go.
+    #[arg(long, default_value = "/tmp/amphora-bench")]
+    pub scratch: PathBuf,
+    /// Results as JSON.
+    #[arg(long, default_value = "bench-results.json")]
+    pub json: PathBuf,
+    /// The Markdown report.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub markdown: PathBuf,
+    /// The command line to print in the report.
+    #[arg(long, default_value = "scripts/bench.sh")]
+    pub command: String,
+}
+
+/// One measurement.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// The workload.
+    pub workload: String,
+    /// The system and API.
+    pub target: Kind,
+    /// "closed" or "open at N req/s".
+    pub mode: String,
+    /// Clients.
+    pub clients: usize,
+    /// Successful requests.
+    pub requests: u64,
+    /// Failed requests.
+    pub errors: u64,
+    /// The first error, if any.
+    pub first_error: Option<String>,
+    /// Requests per second.
+    pub rps: f64,
+    /// Median latency, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// 99.9th percentile, ms.
+    pub p999_ms: f64,
+    /// Server RSS after the run, MB.
+    pub rss_mb: f64,
+    /// Server peak RSS so far, MB.
+    pub peak_rss_mb: f64,
+    /// Server CPU during the run, % of one core.
+    pub cpu_pct: f64,
+}
+
+/// The whole result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    /// Settings, for the report.
+    pub settings: serde_json::Value,
+    /// Machine description.
+    pub machine: Vec<(String, String)>,
+    /// Every measurement.
+    pub rows: Vec<Row>,
+}
+
+fn shape(a: &SuiteArgs, key_space: u64) -> Shape {
+    Shape {
+        key_size: a.key_size,
+        val_size: a.val_size,
+        key_space,
+        sequential: false,
+    }
+}
+
+async fn conns(t: &Target, n: usize) -> anyhow::Result<Vec<Box<dyn workload::Conn>>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(t.connect().await?);
+    }
+    Ok(out)
+}
+
+/// Runs one workload against one target and measures the server.
+#[allow(clippy::too_many_arguments)]
+async fn measure(
+    rows: &mut Vec<Row>,
+    server: &Server,
+    t: &Target,
+    name: &str,
+    workload: Workload,
+    clients: usize,
+    amount: Amount,
+    mode: Mode,
+) -> anyhow::Result<f64> {
+    let c = conns(t, clients).await?;
+    let cpu_before = server.cpu();
+    let m = workload::run(c, workload, t.shape, FAMILIES, amount, mode).await;
+    let cpu = (server.cpu() - cpu_before).as_secs_f64();
+    let (rss, peak) = server.rss();
+    let secs = m.elapsed.as_secs_f64();
+    let q = |p: f64| m.latency.value_at_quantile(p) as f64 / 1000.0;
+    let row = Row {
+        workload: name.into(),
+        target: t.kind,
+        mode: match mode {
+            Mode::Closed => "closed".into(),
+            Mode::Open(r) => format!("open at {r:.0} req/s"),
+        },
+        clients,
+        requests: m.ok,
+        errors: m.errors,
+        first_error: m.first_error,
+        rps: m.ok as f64 / secs,
+        p50_ms: q(0.5),
+        p99_ms: q(0.99),
+        p999_ms: q(0.999),
+        rss_mb: rss as f64 / 1e6,
+        peak_rss_mb: peak as f64 / 1e6,
+        cpu_pct: cpu / secs * 100.0,
+    };
+    eprintln!(
+        "{:<22} {:<26} {:>10.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  rss {:>7.1} MB  cpu {:>4.0}%  errors {}",
+        row.workload,
+        t.kind.label(),
+        row.rps,
+        row.p50_ms,
+        row.p99_ms,
+        row.rss_mb,
+        row.cpu_pct,
+        row.errors
+    );
+    if let Some(e) = &row.first_error {
+        eprintln!("    first error: {e}");
+    }
+    let rps = row.rps;
+    rows.push(row);
+    Ok(rps)
+}
+
+/// Families of 100 entries for the list workload.
+pub const FAMILIES: u64 = 10;
+
+/// Loads what a system needs before its workloads: every key of the key space,
+/// the list families, and the leases.
+async fn preload(t: &Target, a: &SuiteArgs) -> anyhow::Result<Target> {
+    let loader = |kind: Kind, key_space: u64| Target {
+        kind,
+        shape: Shape {
+            sequential: true,
+            ..shape(a, key_space)
+        },
+        ..t.clone()
+    };
+    let put_all = |t: Target| async move {
+        let c = conns(&t, 32).await?;
+        let m = workload::run(
+            c,
+            Workload::Put,
+            t.shape,
+            FAMILIES,
+            Amount::Total(t.shape.key_space),
+            Mode::Closed,
+        )
+        .await;
+        anyhow::ensure!(m.errors == 0, "preload failed: {:?}", m.first_error);
+        anyhow::Ok(())
+    };
+    match t.kind {
+        Kind::BareHttp => {}
+        Kind::RedisAlways | Kind::RedisEverysec => {
+            put_all(loader(t.kind, a.key_space)).await?;
+            redis_preload(&loader(t.kind, a.leases), FAMILIES).await?;
+        }
+        Kind::AmphoraNative | Kind::AmphoraComet => {
+            put_all(loader(Kind::AmphoraNative, a.key_space)).await?;
+            // Families for lists and leased entries for lease churn, through the native API.
+            amphora_preload(t, a).await?;
+        }
+        Kind::EtcdGrpc | Kind::EtcdGateway => {
+            put_all(loader(Kind::EtcdGateway, a.key_space)).await?;
+            etcd_gateway_lists(t).await?;
+            if cfg!(feature = "etcd") {
+                let leases =
+                    etcd_grpc::grant_leases(&loader(Kind::EtcdGrpc, a.leases), a.leases).await?;
+                return Ok(Target {
+                    leases: Arc::new(leases),
+                    ..t.clone()
+                });
+            }
+        }
+    }
+    Ok(t.clone())
+}
+
+async fn http_put(
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: String,
+) -> anyhow::Result<()> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (mut s, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let mut b = hyper::Request::builder()
+        .method("PUT")
+        .uri(path)
+        .header("host", addr);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let r = s
+        .send_request(b.body(http_body_util::Full::new(bytes::Bytes::from(body)))?)
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "PUT {path}: {}", r.status());
+    Ok(())
+}
+
+async fn amphora_preload(t: &Target, a: &SuiteArgs) -> anyhow::Result<()> {
+    use crate::targets::{READ, WRITE};
+    let v = format!("\"{}\"", "v".repeat(a.val_size.saturating_sub(2)));
+    let h = [("amphora-read-token", READ), ("amphora-write-token", WRITE)];
+    for f in 0..FAMILIES {
+        for e in 0..100 {
+            http_put(
+                &t.addr,
+                &format!("/v1/kv/bench/list{f}/e{e}"),
+                &h,
+                v.clone(),
+            )
+            .await?;
+        }
+    }
+    // Leased entries, written concurrently so that they share group commits.
+    let mut tasks = tokio::task::JoinSet::new();
+    let per = a.leases.div_ceil(32);
+    for w in 0..32u64 {
+        let (addr, v, shape) = (t.addr.clone(), v.clone(), shape(a, a.leases));
+        tasks.spawn(async move {
+            for i in (w * per)..((w + 1) * per).min(shape.key_space) {
+                let path = format!("/v1/kv/bench/lease/{}?ttl=300s", workload::key(&shape, i));
+                http_put(&addr, &path, &h, v.clone()).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+async fn etcd_gateway_lists(t: &Target) -> anyhow::Result<()> {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    for f in 0..FAMILIES {
+        for e in 0..100 {
+            let body = serde_json::json!({"key": b64(&format!("list{f}/e{e}")), "value": b64("v")})
+                .to_string();
+            let tcp = tokio::net::TcpStream::connect(&t.addr).await?;
+            let (mut s, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+            tokio::spawn(conn);
+            let req = hyper::Request::builder()
+                .method("POST")
+                .uri("/v3/kv/put")
+                .header("host", &t.addr)
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+            anyhow::ensure!(s.send_request(req).await?.status().is_success());
+        }
+    }
+    Ok(())
+}
+
+const WORKLOADS: [(Workload, &str); 5] = [
+    (Workload::Put, "durable put"),
+    (Workload::Get, "get"),
+    (Workload::Mixed, "mixed 90/10"),
+    (Workload::List, "list 100"),
+    (Workload::LeaseChurn, "lease churn"),
+];
+
+/// Runs everything and writes the JSON and Markdown reports.
+pub async fn run(a: SuiteArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&a.scratch)?;
+    let scratch = a.scratch.clone();
+    let scratch = scratch.as_path();
+    let mut rows = Vec::new();
+    type Start<'a> = Box<dyn Fn() -> anyhow::Result<Server> + 'a>;
+    let mut systems: Vec<(Vec<Kind>, Start)> = vec![(
+        vec![Kind::AmphoraNative, Kind::AmphoraComet],
+        Box::new(|| servers::amphora(&a.amphora_bin, scratch)),
+    )];
+    if let Some(bin) = &a.etcd_bin {
+        let mut kinds = vec![Kind::EtcdGateway];
+        if cfg!(feature = "etcd") {
+            kinds.insert(0, Kind::EtcdGrpc);
+        }
+        systems.push((kinds, Box::new(move || servers::etcd(bin, scratch))));
+    }
+    if let Some(bin) = &a.redis_bin {
+        systems.push((
+            vec![Kind::RedisAlways],
+            Box::new(move || servers::redis(bin, scratch, "always")),
+        ));
+        systems.push((
+            vec![Kind::RedisEverysec],
+            Box::new(move || servers::redis(bin, scratch, "everysec")),
+        ));
+    }
+    systems.push((vec![Kind::BareHttp], Box::new(|| servers::bare(scratch))));
+
+    for (kinds, start) in &systems {
+        let server = start().with_context(|| format!("starting {:?}", kinds))?;
+        let base = Target {
+            kind: kinds[0],
+            addr: server.addr.clone(),
+            shape: shape(&a, a.key_space),
+            leases: Arc::new(Vec::new()),
+        };
+        let loaded = preload(&base, &a)
+            .await
+            .with_context(|| format!("preloading {:?}", kinds))?;
+        for kind in kinds {
+            let t = Target {
+                kind: *kind,
+                ..loaded.clone()
+            };
+            for (w, name) in WORKLOADS {
+                let probe = workload::next_op(w, &t.shape, &mut workload::Rng::new(1), 0, FAMILIES);
+                if !kind.supports(probe) || (*kind == Kind::BareHttp && w != Workload::Get) {
+                    continue;
+                }
+                let t = if w == Workload::LeaseChurn {
+                    Target {
+                        shape: shape(&a, a.leases),
+                        ..t.clone()
+                    }
+                } else {
+                    t.clone()
+                };
+                let peak = measure(
+                    &mut rows,
+                    &server,
+                    &t,
+                    name,
+                    w,
+                    a.clients,
+                    Amount::Duration(a.duration),
+                    Mode::Closed,
+                )
+                .await?;
+                // Latency at half the peak load, for durable put and get.
+                if matches!(w, Workload::Put | Workload::Get) && peak > 0.0 {
+                    let label = format!("{name} at half peak");
+                    measure(
+                        &mut rows,
+                        &server,
+                        &t,
+                        &label,
+                        w,
+                        a.clients,
+                        Amount::Duration(a.duration),
+                        Mode::Open(peak / 2.0),
+                    )
+                    .await?;
+                }
+            }
+        }
+        drop(server);
+    }
+
+    // Memory: a fresh server per system, loaded with memory_entries entries.
+    for (kinds, start) in &systems {
+        let kind = kinds[0];
+        if kind == Kind::BareHttp {
+            continue;
+        }
+        let server = start()?;
+        let kind = if kind == Kind::EtcdGrpc {
+            Kind::EtcdGateway
+        } else {
+            kind
+        };
+        let t = Target {
+            kind,
+            addr: server.addr.clone(),
+            shape: Shape {
+                sequential: true,
+                ..shape(&a, a.memory_entries)
+            },
+            leases: Arc::new(Vec::new()),
+        };
+        let name = format!("memory: load {} entries", a.memory_entries);
+        measure(
+            &mut rows,
+            &server,
+            &t,
+            &name,
+            Workload::Put,
+            a.clients,
+            Amount::Total(a.memory_entries),
+            Mode::Closed,
+        )
+        .await?;
+        drop(server);
+    }
+
+    let results = Results {
+        settings: serde_json::json!({
+            "clients": a.clients, "duration_s": a.duration.as_secs_f64(), "key_space": a.key_space,
+            "key_size": a.key_size, "val_size": a.val_size, "leases": a.leases,
+            "memory_entries": a.memory_entries, "command": a.command,
+        }),
+        machine: crate::report::machine(&a),
+        rows,
+    };
+    std::fs::write(&a.json, serde_json::to_string_pretty(&results)?)?;
+    std::fs::write(&a.markdown, crate::report::markdown(&results))?;
+    eprintln!("wrote {} and {}", a.json.display(), a.markdown.display());
+    Ok(())
+}

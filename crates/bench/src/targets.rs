@@ -1,0 +1,419 @@
+//! The systems under test and how each one speaks every operation.
+
+use crate::workload::{Conn, Op, OpFuture, Shape, key, value};
+use anyhow::{Context, anyhow, bail};
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// The read token the benchmark uses against Amphora.
+pub const READ: &str = "BenchRead1";
+/// The write token the benchmark uses against Amphora.
+pub const WRITE: &str = "BenchWrite1";
+
+/// A system under test, and the API it is driven through.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// Amphora's native JSON API.
+    AmphoraNative,
+    /// Amphora's COMET-compatible API.
+    AmphoraComet,
+    /// etcd through gRPC (etcd-client).
+    EtcdGrpc,
+    /// etcd through its JSON gateway.
+    EtcdGateway,
+    /// Redis with `appendfsync always`.
+    RedisAlways,
+    /// Redis with `appendfsync everysec`.
+    RedisEverysec,
+    /// A bare HTTP server that answers 200 to everything: the ceiling.
+    BareHttp,
+}
+
+impl Kind {
+    /// A short human name.
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::AmphoraNative => "Amphora native",
+            Kind::AmphoraComet => "Amphora COMET",
+            Kind::EtcdGrpc => "etcd gRPC",
+            Kind::EtcdGateway => "etcd JSON gateway",
+            Kind::RedisAlways => "Redis (fsync always)",
+            Kind::RedisEverysec => "Redis (fsync everysec)",
+            Kind::BareHttp => "bare HTTP (ceiling)",
+        }
+    }
+
+    /// Whether the target can run an operation of this kind.
+    pub fn supports(self, op: Op) -> bool {
+        match (self, op) {
+            (Kind::AmphoraComet | Kind::EtcdGateway, Op::KeepAlive(_)) => false,
+            (Kind::BareHttp, _) => true,
+            _ => true,
+        }
+    }
+}
+
+/// Where a target listens and what it needs to know.
+#[derive(Clone)]
+pub struct Target {
+    /// Which system.
+    pub kind: Kind,
+    /// `host:port`.
+    pub addr: String,
+    /// Key and value shape.
+    pub shape: Shape,
+    /// Lease ids by key index (etcd).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub leases: Arc<Vec<i64>>,
+}
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+impl Target {
+    /// Opens one connection.
+    pub async fn connect(&self) -> anyhow::Result<Box<dyn Conn>> {
+        match self.kind {
+            Kind::RedisAlways | Kind::RedisEverysec => {
+                let tcp = TcpStream::connect(&self.addr)
+                    .await
+                    .with_context(|| format!("connecting to {}", self.addr))?;
+                tcp.set_nodelay(true)?;
+                Ok(Box::new(RedisConn {
+                    io: BufReader::new(tcp),
+                    shape: self.shape,
+                    value: value(&self.shape),
+                }))
+            }
+            Kind::EtcdGrpc => etcd_grpc::connect(self).await,
+            _ => {
+                let tcp = TcpStream::connect(&self.addr)
+                    .await
+                    .with_context(|| format!("connecting to {}", self.addr))?;
+                tcp.set_nodelay(true)?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+                tokio::spawn(conn);
+                Ok(Box::new(HttpConn {
+                    target: Arc::new(HttpRequests::new(self)),
+                    sender,
+                }))
+            }
+        }
+    }
+}
+
+/// Builds the HTTP request of each operation for an HTTP target.
+struct HttpRequests {
+    kind: Kind,
+    host: String,
+    shape: Shape,
+    json_value: Bytes,
+    raw_value: Bytes,
+    b64_value: String,
+}
+
+impl HttpRequests {
+    fn new(t: &Target) -> Self {
+        let v = value(&t.shape);
+        // A JSON string of exactly val_size bytes, quotes included.
+        let inner = "v".repeat(t.shape.val_size.saturating_sub(2));
+        HttpRequests {
+            kind: t.kind,
+            host: t.addr.clone(),
+            shape: t.shape,
+            json_value: Bytes::from(format!("\"{inner}\"")),
+            raw_value: Bytes::from(v.clone()),
+            b64_value: b64(&v),
+        }
+    }
+
+    fn request(&self, op: Op) -> anyhow::Result<hyper::Request<Full<Bytes>>> {
+        let b = hyper::Request::builder().header("host", &self.host);
+        let k = |i| key(&self.shape, i);
+        let comet = |call: &str, family: &str, key: &str| {
+            format!(
+                "/{call}?contextID=bench&family={family}&Key={key}&readToken={READ}&writeToken={WRITE}"
+            )
+        };
+        let native = |b: hyper::http::request::Builder| {
+            b.header("amphora-read-token", READ)
+                .header("amphora-write-token", WRITE)
+        };
+        let gateway = |path: &str, body: serde_json::Value| {
+            hyper::Request::builder()
+                .header("host", &self.host)
+                .method("POST")
+                .uri(path)
+                .body(Full::new(Bytes::from(body.to_string())))
+        };
+        let req = match (self.kind, op) {
+            (Kind::AmphoraNative, Op::Put(i)) => native(b)
+                .method("PUT")
+                .uri(format!("/v1/kv/bench/data/{}", k(i)))
+                .body(Full::new(self.json_value.clone())),
+            (Kind::AmphoraNative, Op::Get(i)) => native(b)
+                .uri(format!("/v1/kv/bench/data/{}", k(i)))
+                .body(Full::default()),
+            (Kind::AmphoraNative, Op::List(f)) => native(b)
+                .uri(format!("/v1/kv/bench/list{f}?limit=100"))
+                .body(Full::default()),
+            (Kind::AmphoraNative, Op::KeepAlive(i)) => native(b)
+                .method("POST")
+                .uri(format!("/v1/kv/bench/lease/{}/keepalive", k(i)))
+                .body(Full::default()),
+            (Kind::AmphoraComet, Op::Put(i)) => b
+                .method("POST")
+                .uri(comet("writeScope", "data", &k(i)))
+                .body(Full::new(self.raw_value.clone())),
+            (Kind::AmphoraComet, Op::Get(i)) => b
+                .uri(comet("readScope", "data", &k(i)))
+                .body(Full::default()),
+            (Kind::AmphoraComet, Op::List(f)) => b
+                .uri(format!(
+                    "/enumerateScope?contextID=bench&family=list{f}&readToken={READ}"
+                ))
+                .body(Full::default()),
+            (Kind::EtcdGateway, Op::Put(i)) => gateway(
+                "/v3/kv/put",
+                serde_json::json!({"key": b64(&format!("data/{}", k(i))), "value": self.b64_value}),
+            ),
+            (Kind::EtcdGateway, Op::Get(i)) => gateway(
+                "/v3/kv/range",
+                serde_json::json!({"key": b64(&format!("data/{}", k(i))), "serializable": true}),
+            ),
+            (Kind::EtcdGateway, Op::List(f)) => gateway(
+                "/v3/kv/range",
+                serde_json::json!({"key": b64(&format!("list{f}/")), "range_end": b64(&format!("list{f}0")), "serializable": true}),
+            ),
+            (Kind::BareHttp, _) => b.uri("/").body(Full::default()),
+            (kind, op) => bail!("{} cannot run {op:?}", kind.label()),
+        };
+        Ok(req?)
+    }
+}
+
+struct HttpConn {
+    target: Arc<HttpRequests>,
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Conn for HttpConn {
+    fn run(&mut self, op: Op) -> OpFuture<'_> {
+        Box::pin(async move {
+            let req = self.target.request(op)?;
+            self.sender.ready().await?;
+            let resp = self.sender.send_request(req).await?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await?.to_bytes();
+            if !status.is_success() {
+                bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Redis over RESP, one request at a time (no pipelining: the same as the others).
+struct RedisConn {
+    io: BufReader<TcpStream>,
+    shape: Shape,
+    value: String,
+}
+
+impl RedisConn {
+    async fn command(&mut self, args: &[&str]) -> anyhow::Result<()> {
+        let mut out = format!("*{}\r\n", args.len());
+        for a in args {
+            out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        self.io.get_mut().write_all(out.as_bytes()).await?;
+        self.reply().await
+    }
+
+    fn reply(
+        &mut self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send + '_>> {
+        Box::pin(async move {
+            let mut line = String::new();
+            if self.io.read_line(&mut line).await? == 0 {
+                bail!("Redis closed the connection");
+            }
+            let line = line.trim_end();
+            let (tag, rest) = line.split_at(1);
+            match tag {
+                "+" | ":" => Ok(()),
+                "-" => Err(anyhow!("Redis error: {rest}")),
+                "$" => {
+                    let n: i64 = rest.parse()?;
+                    if n >= 0 {
+                        let mut buf = vec![0; n as usize + 2];
+                        self.io.read_exact(&mut buf).await?;
+                    }
+                    Ok(())
+                }
+                "*" => {
+                    let n: i64 = rest.parse()?;
+                    for _ in 0..n.max(0) {
+                        self.reply().await?;
+                    }
+                    Ok(())
+                }
+                _ => bail!("unexpected Redis reply {line:?}"),
+            }
+        })
+    }
+}
+
+impl Conn for RedisConn {
+    fn run(&mut self, op: Op) -> OpFuture<'_> {
+        Box::pin(async move {
+            let k = |i| key(&self.shape, i);
+            match op {
+                Op::Put(i) => {
+                    let (key, value) = (format!("data:{}", k(i)), self.value.clone());
+                    self.command(&["SET", &key, &value]).await
+                }
+                Op::Get(i) => self.command(&["GET", &format!("data:{}", k(i))]).await,
+                Op::List(f) => self.command(&["HGETALL", &format!("list{f}")]).await,
+                Op::KeepAlive(i) => {
+                    self.command(&["EXPIRE", &format!("lease:{}", k(i)), "300"])
+                        .await
+                }
+            }
+        })
+    }
+}
+
+/// Redis commands a preload sends for a list family or a leased key.
+pub async fn redis_preload(target: &Target, families: u64) -> anyhow::Result<()> {
+    let tcp = TcpStream::connect(&target.addr).await?;
+    let mut c = RedisConn {
+        io: BufReader::new(tcp),
+        shape: target.shape,
+        value: value(&target.shape),
+    };
+    for f in 0..families {
+        for e in 0..100 {
+            let (h, field, v) = (format!("list{f}"), format!("e{e}"), c.value.clone());
+            c.command(&["HSET", &h, &field, &v]).await?;
+        }
+    }
+    for i in 0..target.shape.key_space {
+        let (k, v) = (format!("lease:{}", key(&target.shape, i)), c.value.clone());
+        c.command(&["SET", &k, &v, "EX", "300"]).await?;
+    }
+    Ok(())
+}
+
+#[cfg(feature = "etcd")]
+pub mod etcd_grpc {
+    //! etcd through gRPC.
+    use super::*;
+    use etcd_client::{Client, GetOptions, PutOptions};
+
+    struct EtcdConn {
+        client: Client,
+        shape: Shape,
+        value: String,
+        leases: Arc<Vec<i64>>,
+    }
+
+    /// Opens a channel.
+    pub async fn connect(t: &Target) -> anyhow::Result<Box<dyn Conn>> {
+        let client = Client::connect([format!("http://{}", t.addr)], None).await?;
+        Ok(Box::new(EtcdConn {
+            client,
+            shape: t.shape,
+            value: value(&t.shape),
+            leases: t.leases.clone(),
+        }))
+    }
+
+    impl Conn for EtcdConn {
+        fn run(&mut self, op: Op) -> OpFuture<'_> {
+            Box::pin(async move {
+                let k = |i| key(&self.shape, i);
+                match op {
+                    Op::Put(i) => {
+                        self.client
+                            .put(format!("data/{}", k(i)), self.value.clone(), None)
+                            .await?;
+                    }
+                    Op::Get(i) => {
+                        self.client
+                            .get(
+                                format!("data/{}", k(i)),
+                                Some(GetOptions::new().with_serializable()),
+                            )
+                            .await?;
+                    }
+                    Op::List(f) => {
+                        self.client
+                            .get(
+                                format!("list{f}/"),
+                                Some(GetOptions::new().with_prefix().with_serializable()),
+                            )
+                            .await?;
+                    }
+                    Op::KeepAlive(i) => {
+                        let id = *self
+                            .leases
+                            .get(i as usize)
+                            .ok_or_else(|| anyhow!("no lease {i}"))?;
+                        let (mut keeper, mut stream) = self.client.lease_keep_alive(id).await?;
+                        keeper.keep_alive().await?;
+                        stream
+                            .message()
+                            .await?
+                            .ok_or_else(|| anyhow!("keepalive stream ended"))?;
+                    }
+                }
+                Ok(())
+            })
+        }
+    }
+
+    /// Grants `n` leases with a key each; answers their ids.
+    pub async fn grant_leases(t: &Target, n: u64) -> anyhow::Result<Vec<i64>> {
+        let mut client = Client::connect([format!("http://{}", t.addr)], None).await?;
+        let mut ids = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let id = client.lease_grant(300, None).await?.id();
+            client
+                .put(
+                    format!("lease/{}", key(&t.shape, i)),
+                    "v",
+                    Some(PutOptions::new().with_lease(id)),
+                )
+                .await?;
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+}
+
+#[cfg(not(feature = "etcd"))]
+pub mod etcd_grpc {
+    //! Built without the `etcd` feature: a clear error instead of a missing option.
+    use super::*;
+
+    /// Always an error: rebuild with `--features etcd` (needs protoc).
+    pub async fn connect(_: &Target) -> anyhow::Result<Box<dyn Conn>> {
+        bail!("etcd gRPC needs amphora-bench built with --features etcd (which needs protoc)")
+    }
+
+    /// Always an error.
+    pub async fn grant_leases(_: &Target, _: u64) -> anyhow::Result<Vec<i64>> {
+        bail!("etcd gRPC needs amphora-bench built with --features etcd (which needs protoc)")
+    }
+}
