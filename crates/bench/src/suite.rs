@@ -230,43 +230,60 @@ async fn preload(t: &Target, a: &SuiteArgs) -> anyhow::Result<Target> {
     Ok(t.clone())
 }
 
-async fn http_put(
-    addr: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: String,
-) -> anyhow::Result<()> {
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let (mut s, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let mut b = hyper::Request::builder()
-        .method("PUT")
-        .uri(path)
-        .header("host", addr);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
+/// One kept-alive HTTP/1.1 connection for preloading.
+struct Http {
+    addr: String,
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+}
+
+impl Http {
+    async fn connect(addr: &str) -> anyhow::Result<Http> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        Ok(Http {
+            addr: addr.to_owned(),
+            sender,
+        })
     }
-    let r = s
-        .send_request(b.body(http_body_util::Full::new(bytes::Bytes::from(body)))?)
-        .await?;
-    anyhow::ensure!(r.status().is_success(), "PUT {path}: {}", r.status());
-    Ok(())
+
+    async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: String,
+    ) -> anyhow::Result<()> {
+        use http_body_util::BodyExt;
+        let mut b = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", &self.addr);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        self.sender.ready().await?;
+        let r = self
+            .sender
+            .send_request(b.body(http_body_util::Full::new(bytes::Bytes::from(body)))?)
+            .await?;
+        let status = r.status();
+        let _ = r.into_body().collect().await?;
+        anyhow::ensure!(status.is_success(), "{method} {path}: {status}");
+        Ok(())
+    }
 }
 
 async fn amphora_preload(t: &Target, a: &SuiteArgs) -> anyhow::Result<()> {
     use crate::targets::{READ, WRITE};
     let v = format!("\"{}\"", "v".repeat(a.val_size.saturating_sub(2)));
     let h = [("amphora-read-token", READ), ("amphora-write-token", WRITE)];
+    let mut http = Http::connect(&t.addr).await?;
     for f in 0..FAMILIES {
         for e in 0..100 {
-            http_put(
-                &t.addr,
-                &format!("/v1/kv/bench/list{f}/e{e}"),
-                &h,
-                v.clone(),
-            )
-            .await?;
+            http.send("PUT", &format!("/v1/kv/bench/list{f}/e{e}"), &h, v.clone())
+                .await?;
         }
     }
     // Leased entries, written concurrently so that they share group commits.
@@ -275,9 +292,10 @@ async fn amphora_preload(t: &Target, a: &SuiteArgs) -> anyhow::Result<()> {
     for w in 0..32u64 {
         let (addr, v, shape) = (t.addr.clone(), v.clone(), shape(a, a.leases));
         tasks.spawn(async move {
+            let mut http = Http::connect(&addr).await?;
             for i in (w * per)..((w + 1) * per).min(shape.key_space) {
                 let path = format!("/v1/kv/bench/lease/{}?ttl=300s", workload::key(&shape, i));
-                http_put(&addr, &path, &h, v.clone()).await?;
+                http.send("PUT", &path, &h, v.clone()).await?;
             }
             anyhow::Ok(())
         });
@@ -291,20 +309,12 @@ async fn amphora_preload(t: &Target, a: &SuiteArgs) -> anyhow::Result<()> {
 async fn etcd_gateway_lists(t: &Target) -> anyhow::Result<()> {
     use base64::Engine;
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let mut http = Http::connect(&t.addr).await?;
     for f in 0..FAMILIES {
         for e in 0..100 {
             let body = serde_json::json!({"key": b64(&format!("list{f}/e{e}")), "value": b64("v")})
                 .to_string();
-            let tcp = tokio::net::TcpStream::connect(&t.addr).await?;
-            let (mut s, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-            tokio::spawn(conn);
-            let req = hyper::Request::builder()
-                .method("POST")
-                .uri("/v3/kv/put")
-                .header("host", &t.addr)
-                .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
-            anyhow::ensure!(s.send_request(req).await?.status().is_success());
+            http.send("POST", "/v3/kv/put", &[], body).await?;
         }
     }
     Ok(())
@@ -456,5 +466,21 @@ pub async fn run(a: SuiteArgs) -> anyhow::Result<()> {
     std::fs::write(&a.json, serde_json::to_string_pretty(&results)?)?;
     std::fs::write(&a.markdown, crate::report::markdown(&results))?;
     eprintln!("wrote {} and {}", a.json.display(), a.markdown.display());
+    // A measurement with failed requests measures something else than it says.
+    let failed: Vec<String> = results
+        .rows
+        .iter()
+        .filter(|r| r.errors > 0)
+        .map(|r| {
+            format!(
+                "{} / {}: {} errors ({})",
+                r.workload,
+                r.target.label(),
+                r.errors,
+                r.first_error.as_deref().unwrap_or("")
+            )
+        })
+        .collect();
+    anyhow::ensure!(failed.is_empty(), "requests failed:\n{}", failed.join("\n"));
     Ok(())
 }

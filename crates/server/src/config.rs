@@ -54,6 +54,16 @@ pub struct ServeOptions {
     #[serde(default, deserialize_with = "duration::opt")]
     pub history_retention: Option<Duration>,
 
+    /// Memory for the store's page cache, in bytes [default: 67108864].
+    #[arg(long, env = "AMPHORA_STORE_CACHE_BYTES", value_name = "BYTES")]
+    pub store_cache_bytes: Option<usize>,
+
+    /// How often the store's B-tree is made durable; between checkpoints the
+    /// write-ahead log holds every acknowledged write [default: 50ms].
+    #[arg(long, env = "AMPHORA_CHECKPOINT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "duration::opt")]
+    pub checkpoint_interval: Option<Duration>,
+
     /// The most entries one COMET enumerateScope answers [default: 100000].
     #[arg(long, env = "AMPHORA_MAX_ENUMERATE", value_name = "N")]
     pub max_enumerate: Option<usize>,
@@ -166,6 +176,10 @@ pub struct Settings {
     pub history_retention: Duration,
     /// enumerateScope limit.
     pub max_enumerate: usize,
+    /// Store page cache, bytes.
+    pub store_cache_bytes: usize,
+    /// Checkpoint interval.
+    pub checkpoint_interval: Duration,
     /// Log format.
     pub log_format: LogFormat,
     /// TLS, when configured.
@@ -224,6 +238,8 @@ impl ServeOptions {
             max_value_bytes: self.max_value_bytes.or(lower.max_value_bytes),
             history_retention: self.history_retention.or(lower.history_retention),
             max_enumerate: self.max_enumerate.or(lower.max_enumerate),
+            store_cache_bytes: self.store_cache_bytes.or(lower.store_cache_bytes),
+            checkpoint_interval: self.checkpoint_interval.or(lower.checkpoint_interval),
             log_format: self.log_format.or(lower.log_format),
             tls_cert: self.tls_cert.or(lower.tls_cert),
             tls_key: self.tls_key.or(lower.tls_key),
@@ -285,6 +301,8 @@ impl ServeOptions {
             max_value_bytes: o.max_value_bytes.unwrap_or(1024 * 1024),
             history_retention: o.history_retention.unwrap_or(Duration::from_secs(3600)),
             max_enumerate: o.max_enumerate.unwrap_or(100_000),
+            store_cache_bytes: o.store_cache_bytes.unwrap_or(64 * 1024 * 1024),
+            checkpoint_interval: o.checkpoint_interval.unwrap_or(Duration::from_millis(50)),
             log_format: o.log_format.unwrap_or_default(),
             tls,
             check_client_cert,

@@ -71,6 +71,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             &settings.data_dir.join(DB_FILE),
             RedbOptions {
                 on_commit: Some(Arc::new(move |info| observer.observe_commit(info))),
+                cache_bytes: settings.store_cache_bytes,
+                checkpoint_interval: settings.checkpoint_interval,
                 ..RedbOptions::default()
             },
         )

@@ -5,7 +5,8 @@
 //! appends the batch to the write-ahead log (`wal.rs`) with one `fdatasync`, commits
 //! the transaction without fsync (`Durability::None`: visible to readers, not yet on
 //! disk), and only then acknowledges each operation and publishes its events. A
-//! checkpoint (a `Durability::Immediate` commit, every second or 64 MiB of log) makes
+//! checkpoint (a `Durability::Immediate` commit, every `checkpoint_interval` or 64 MiB
+//! of log) makes
 //! the B-tree durable and empties the log. At start, batches logged after the last
 //! checkpoint are replayed: applying a batch is deterministic given the state and the
 //! batch's clock, both of which the log keeps. Readers open their own MVCC read
@@ -71,7 +72,7 @@ impl Default for RedbOptions {
             compaction_step: 10_000,
             on_commit: None,
             cache_bytes: 32 * 1024 * 1024,
-            checkpoint_interval: Duration::from_secs(1),
+            checkpoint_interval: Duration::from_millis(50),
             checkpoint_bytes: 64 * 1024 * 1024,
         }
     }
