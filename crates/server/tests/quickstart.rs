@@ -79,9 +79,11 @@ fn readme_tls_quick_start_works_as_written() {
     };
     // The script is not reaped yet, so its process group id cannot have been reused:
     // this kills only what is left of the script (its background server, if any).
-    let _ = Command::new("kill")
-        .args(["-KILL", &format!("-{}", child.id())])
-        .status();
+    // Not the `kill` program: procps-ng 4.0.2's `kill -KILL -PGID` calls kill(-1),
+    // which kills every process on the machine.
+    let group =
+        rustix::process::Pid::from_raw(child.id() as i32).expect("a child's pid is positive");
+    let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
     let status = child.wait().expect("reap the script");
     let status = finished.then_some(status);
     let (mut out, mut err) = (String::new(), String::new());

@@ -85,11 +85,8 @@ impl Server {
 
     /// SIGTERM, then waits for the exit status (at most `within`).
     pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill -TERM");
+        // Not the `kill` program: procps-ng 4.0.2's turns `kill -SIG -PGID` into kill(-1).
+        signal(self.child.id(), rustix::process::Signal::TERM);
         let deadline = std::time::Instant::now() + within;
         while std::time::Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().expect("wait") {
@@ -104,6 +101,12 @@ impl Server {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// Sends a signal to one process.
+pub fn signal(pid: u32, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).expect("a child's pid is positive");
+    let _ = rustix::process::kill_process(pid, sig);
 }
 
 impl Drop for Server {
