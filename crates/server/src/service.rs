@@ -294,6 +294,23 @@ impl Service {
         result
     }
 
+    /// Runs one operation the way every operation runs: the throttle first, then the
+    /// work, then the audit record (and the token-failure count) of its result.
+    async fn guarded<T>(
+        &self,
+        caller: &Caller,
+        names: Names<'_>,
+        operation: impl FnOnce(&Result<T, ApiError>) -> &'static str,
+        work: impl std::future::Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
+        let result = match self.admit(caller, names.context.unwrap_or_default()).await {
+            Ok(()) => work.await,
+            Err(e) => Err(e),
+        };
+        let operation = operation(&result);
+        self.finish(caller, operation, names, result).await
+    }
+
     fn require_cert(&self, caller: &Caller, what: &'static str) -> Result<(), ApiError> {
         if self.settings.require_client_cert && !caller.trusted_cert {
             return Err(ApiError::ClientCertRequired(what));
@@ -446,19 +463,13 @@ impl Service {
         write: &str,
         options: &WriteOptions,
     ) -> Result<Written, ApiError> {
-        let result = match self.admit(caller, &key.context).await {
-            Ok(()) => {
-                self.write_inner(caller, key, value, read, write, options)
-                    .await
-            }
-            Err(e) => Err(e),
-        };
-        let operation = match &result {
+        let operation = |r: &Result<Written, ApiError>| match r {
             Ok(w) if w.created => "create",
             Ok(_) => "modify",
             Err(_) => "write",
         };
-        self.finish(caller, operation, Names::entry(key), result)
+        let work = self.write_inner(caller, key, value, read, write, options);
+        self.guarded(caller, Names::entry(key), operation, work)
             .await
     }
 
@@ -599,11 +610,8 @@ impl Service {
         read: &str,
         write: &str,
     ) -> Result<Revision, ApiError> {
-        let result = match self.admit(caller, &key.context).await {
-            Ok(()) => self.delete_inner(caller, key, read, write).await,
-            Err(e) => Err(e),
-        };
-        self.finish(caller, "delete", Names::entry(key), result)
+        let work = self.delete_inner(caller, key, read, write);
+        self.guarded(caller, Names::entry(key), |_| "delete", work)
             .await
     }
 
@@ -653,16 +661,13 @@ impl Service {
         after: Option<Vec<u8>>,
         limit: usize,
     ) -> Result<Listing, ApiError> {
-        let result = match self.admit(caller, context).await {
-            Ok(()) => self.list_inner(context, family, read, after, limit).await,
-            Err(e) => Err(e),
-        };
         let names = Names {
             context: Some(context),
             family,
             key: None,
         };
-        self.finish(caller, "list", names, result).await
+        let work = self.list_inner(context, family, read, after, limit);
+        self.guarded(caller, names, |_| "list", work).await
     }
 
     async fn list_inner(
@@ -722,16 +727,13 @@ impl Service {
         family: Option<&str>,
         read: &str,
     ) -> Result<Vec<Entry>, ApiError> {
-        let result = match self.admit(caller, context).await {
-            Ok(()) => self.enumerate_inner(context, family, read).await,
-            Err(e) => Err(e),
-        };
         let names = Names {
             context: Some(context),
             family,
             key: None,
         };
-        self.finish(caller, "list", names, result).await
+        let work = self.enumerate_inner(context, family, read);
+        self.guarded(caller, names, |_| "list", work).await
     }
 
     async fn enumerate_inner(
@@ -765,11 +767,8 @@ impl Service {
         read: &str,
         limit: usize,
     ) -> Result<Vec<HistoryItem>, ApiError> {
-        let result = match self.admit(caller, &key.context).await {
-            Ok(()) => self.history_inner(key, read, limit).await,
-            Err(e) => Err(e),
-        };
-        self.finish(caller, "history", Names::entry(key), result)
+        let work = self.history_inner(key, read, limit);
+        self.guarded(caller, Names::entry(key), |_| "history", work)
             .await
     }
 
@@ -826,11 +825,8 @@ impl Service {
         read: &str,
         write: &str,
     ) -> Result<(Revision, Lease), ApiError> {
-        let result = match self.admit(caller, &key.context).await {
-            Ok(()) => self.keep_alive_inner(key, read, write).await,
-            Err(e) => Err(e),
-        };
-        self.finish(caller, "keepalive", Names::entry(key), result)
+        let work = self.keep_alive_inner(key, read, write);
+        self.guarded(caller, Names::entry(key), |_| "keepalive", work)
             .await
     }
 
