@@ -4,6 +4,7 @@
 //!   measurement, flags like etcd's own benchmark tool.
 //! - `amphora-bench suite ...`: starts every system, runs every workload, writes
 //!   BENCHMARKS.md and the JSON results (what `scripts/bench.sh` runs).
+//! - `amphora-bench report`: renders BENCHMARKS.md again from the JSON results.
 //! - `amphora-bench bare-http --listen ADDR`: the ceiling server.
 
 mod report;
@@ -30,6 +31,15 @@ enum Command {
     Run(RunArgs),
     /// Every system and workload, side by side; writes the report.
     Suite(Box<suite::SuiteArgs>),
+    /// Renders the Markdown report again from saved JSON results.
+    Report {
+        /// The results of a suite run.
+        #[arg(long, default_value = "bench-results.json")]
+        json: std::path::PathBuf,
+        /// Where to write the report.
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        markdown: std::path::PathBuf,
+    },
     /// A bare HTTP server that answers 200 to everything.
     BareHttp {
         /// Where to listen.
@@ -131,6 +141,12 @@ fn main() -> ExitCode {
             Command::Run(a) => run_one(a).await,
             Command::Suite(a) => suite::run(*a).await,
             Command::BareHttp { listen } => servers::serve_bare(&listen).await,
+            Command::Report { json, markdown } => {
+                let text = std::fs::read_to_string(&json)?;
+                let results: suite::Results = serde_json::from_str(&text)?;
+                std::fs::write(&markdown, report::markdown(&results))?;
+                Ok(())
+            }
         }
     });
     match result {

@@ -110,8 +110,9 @@ pub fn markdown(r: &Results) -> String {
         o,
         "\n## Settings\n\n{} clients (one connection each, closed loop unless marked open), {} s per \
          measurement, keys of {} bytes over a key space of {}, values of {} bytes, {} leases, {} \
-         entries for the memory measurement. Amphora runs with its defaults (embedded redb store, \
-         fsync per group commit). etcd runs as one member with its defaults; reads use serializable \
+         entries for the memory measurement. Amphora runs with its defaults (embedded redb store; \
+         every acknowledged write is in the write-ahead log, one fsync per group commit; \
+         B-tree checkpoints every 50 ms). etcd runs as one member with its defaults; reads use serializable \
          ranges. Redis runs with the append-only file, `appendfsync always` (durable, the fair \
          comparison) and `everysec`.\n",
         s["clients"],

@@ -58,7 +58,7 @@ pub struct SuiteArgs {
 }
 
 /// One measurement.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Row {
     /// The workload.
     pub workload: String,
@@ -91,7 +91,7 @@ pub struct Row {
 }
 
 /// The whole result.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Results {
     /// Settings, for the report.
     pub settings: serde_json::Value,
