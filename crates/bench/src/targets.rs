@@ -53,11 +53,11 @@ impl Kind {
 
     /// Whether the target can run an operation of this kind.
     pub fn supports(self, op: Op) -> bool {
-        match (self, op) {
-            (Kind::AmphoraComet | Kind::EtcdGateway, Op::KeepAlive(_)) => false,
-            (Kind::BareHttp, _) => true,
-            _ => true,
-        }
+        // COMET has no leases, and etcd's gateway cannot carry the keepalive stream.
+        !matches!(
+            (self, op),
+            (Kind::AmphoraComet | Kind::EtcdGateway, Op::KeepAlive(_))
+        )
     }
 }
 
