@@ -251,31 +251,36 @@ async fn observe(State(state): State<Shared>, req: Request, next: Next) -> Respo
     let started = Instant::now();
     let id = request_id(&state, req.headers());
     let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    // COMET puts tokens in the query string: they are redacted before logging.
-    let query = req.uri().query().map(redact_query);
-    let endpoint = endpoint_of(&path);
+    let endpoint = endpoint_of(req.uri().path());
+    // The path and the (redacted: COMET puts tokens there) query are kept only when
+    // the per-request debug line will be written.
+    let detail = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+        (
+            truncate(req.uri().path(), 512).to_owned(),
+            req.uri().query().map(redact_query),
+        )
+    });
     let span = tracing::info_span!("request", request_id = %id, %method, endpoint);
     let mut response = next.run(req).instrument(span.clone()).await;
     let status = response.status();
     let elapsed = started.elapsed();
     state.metrics.observe_request(
         endpoint,
-        method.as_str(),
+        method_label(&method),
         status.as_u16(),
         elapsed.as_secs_f64(),
     );
-    // One line per request at debug level: at info it would cost more than the
-    // request itself under load (AMPHORA_LOG=amphora_server::http=debug shows them).
-    span.in_scope(|| {
-        tracing::debug!(
-            status = status.as_u16(),
-            micros = elapsed.as_micros() as u64,
-            path = %truncate(&path, 512),
-            query = query.as_deref().unwrap_or(""),
-            "request"
-        );
-    });
+    if let Some((path, query)) = detail {
+        span.in_scope(|| {
+            tracing::debug!(
+                status = status.as_u16(),
+                micros = elapsed.as_micros() as u64,
+                path = %path,
+                query = query.as_deref().unwrap_or(""),
+                "request"
+            );
+        });
+    }
     let headers = response.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&id) {
         headers.insert("x-request-id", v);
@@ -285,6 +290,20 @@ async fn observe(State(state): State<Shared>, req: Request, next: Next) -> Respo
         HeaderValue::from_static("nosniff"),
     );
     response
+}
+
+/// A bounded metrics label for the method (no allocation per request).
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "OTHER",
+    }
 }
 
 /// Query parameter names whose values are secrets.

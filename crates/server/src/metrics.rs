@@ -11,7 +11,7 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     endpoint: &'static str,
-    method: String,
+    method: &'static str,
     status: u16,
 }
 
@@ -104,11 +104,17 @@ impl Metrics {
     }
 
     /// Counts one request.
-    pub fn observe_request(&self, endpoint: &'static str, method: &str, status: u16, seconds: f64) {
+    pub fn observe_request(
+        &self,
+        endpoint: &'static str,
+        method: &'static str,
+        status: u16,
+        seconds: f64,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
                 endpoint,
-                method: method.to_owned(),
+                method,
                 status,
             })
             .inc();
