@@ -11,6 +11,7 @@ mod report;
 mod servers;
 mod suite;
 mod targets;
+mod watch;
 mod workload;
 
 use clap::{Parser, Subcommand};
@@ -39,6 +40,24 @@ enum Command {
         /// Where to write the report.
         #[arg(long, default_value = "BENCHMARKS.md")]
         markdown: std::path::PathBuf,
+    },
+    /// Watch fan-out against a running Amphora: watchers of one family, one writer.
+    Watch {
+        /// `host:port` of the server (plain HTTP).
+        #[arg(long)]
+        endpoint: String,
+        /// Watch streams to open.
+        #[arg(long, default_value_t = 10_000)]
+        watchers: usize,
+        /// Changes the writer makes.
+        #[arg(long, default_value_t = 100)]
+        events: u64,
+        /// Changes per second.
+        #[arg(long, default_value_t = 5.0)]
+        rate: f64,
+        /// Bytes of a value.
+        #[arg(long, default_value_t = 256)]
+        val_size: usize,
     },
     /// A bare HTTP server that answers 200 to everything.
     BareHttp {
@@ -130,8 +149,23 @@ async fn run_one(a: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The watch fan-out holds one connection per watcher: allow the hard limit of open
+/// files instead of the usual soft limit of 1024.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    if let Err(e) = setrlimit(Resource::Nofile, raised) {
+        eprintln!("amphora-bench: cannot raise the open files limit: {e}");
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -141,6 +175,26 @@ fn main() -> ExitCode {
             Command::Run(a) => run_one(a).await,
             Command::Suite(a) => suite::run(*a).await,
             Command::BareHttp { listen } => servers::serve_bare(&listen).await,
+            Command::Watch {
+                endpoint,
+                watchers,
+                events,
+                rate,
+                val_size,
+            } => {
+                let m = watch::fan_out(&endpoint, watchers, events, rate, val_size).await?;
+                let q = |p: f64| m.latency.value_at_quantile(p) as f64 / 1000.0;
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "watchers": watchers, "events": events, "delivered": m.delivered,
+                        "missing": m.missing, "first_error": m.first_error,
+                        "seconds": m.elapsed.as_secs_f64(),
+                        "p50_ms": q(0.5), "p99_ms": q(0.99), "p999_ms": q(0.999),
+                    })
+                );
+                Ok(())
+            }
             Command::Report { json, markdown } => {
                 let text = std::fs::read_to_string(&json)?;
                 let results: suite::Results = serde_json::from_str(&text)?;

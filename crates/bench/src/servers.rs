@@ -110,7 +110,15 @@ fn wait_tcp(addr: &str, child: &mut Child, name: &str) -> anyhow::Result<()> {
 pub fn amphora(bin: &Path, base: &Path) -> anyhow::Result<Server> {
     let dir = scratch(base, "amphora")?;
     let mut child = Command::new(bin)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        // Every watcher of the fan-out comes from 127.0.0.1.
+        .args([
+            "--max-watchers",
+            "100000",
+            "--max-watchers-per-client",
+            "100000",
+        ])
+        .arg("--data-dir")
         .arg(dir.join("data"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -40,6 +40,18 @@ pub struct SuiteArgs {
     /// Leases renewed by the lease churn workload.
     #[arg(long, default_value_t = 100_000)]
     pub leases: u64,
+    /// Watchers of one family in the watch fan-out.
+    #[arg(long, default_value_t = 10_000)]
+    pub watchers: usize,
+    /// Changes the fan-out's writer makes.
+    #[arg(long, default_value_t = 100)]
+    pub watch_events: u64,
+    /// Changes per second the fan-out's writer makes. With 10,000 watchers one change
+    /// costs about 0.2 CPU-seconds (server and load generator together), so on two
+    /// cores 5 per second keeps fan-outs from queueing behind each other: the
+    /// measurement is of delivery latency, not of a saturated machine.
+    #[arg(long, default_value_t = 5.0)]
+    pub watch_rate: f64,
     /// Entries loaded for the memory measurement.
     #[arg(long, default_value_t = 1_000_000)]
     pub memory_entries: u64,
@@ -90,6 +102,66 @@ pub struct Row {
     pub cpu_pct: f64,
 }
 
+/// What the client side of one measurement saw.
+struct Outcome<'a> {
+    ok: u64,
+    errors: u64,
+    first_error: Option<String>,
+    elapsed: Duration,
+    latency: &'a hdrhistogram::Histogram<u64>,
+}
+
+impl Row {
+    /// A row from what the client saw and what the server used.
+    fn new(
+        workload: &str,
+        target: Kind,
+        mode: String,
+        clients: usize,
+        o: Outcome<'_>,
+        server: &Server,
+        cpu: Duration,
+    ) -> Row {
+        let (rss, peak) = server.rss();
+        let secs = o.elapsed.as_secs_f64().max(1e-9);
+        let q = |p: f64| o.latency.value_at_quantile(p) as f64 / 1000.0;
+        Row {
+            workload: workload.into(),
+            target,
+            mode,
+            clients,
+            requests: o.ok,
+            errors: o.errors,
+            first_error: o.first_error,
+            rps: o.ok as f64 / secs,
+            p50_ms: q(0.5),
+            p99_ms: q(0.99),
+            p999_ms: q(0.999),
+            rss_mb: rss as f64 / 1e6,
+            peak_rss_mb: peak as f64 / 1e6,
+            cpu_pct: cpu.as_secs_f64() / secs * 100.0,
+        }
+    }
+
+    /// One line on stderr while the suite runs.
+    fn print(&self, unit: &str) {
+        eprintln!(
+            "{:<22} {:<26} {:>10.0} {unit}  p50 {:>7.2} ms  p99 {:>7.2} ms  rss {:>7.1} MB  cpu {:>4.0}%  errors {}",
+            self.workload,
+            self.target.label(),
+            self.rps,
+            self.p50_ms,
+            self.p99_ms,
+            self.rss_mb,
+            self.cpu_pct,
+            self.errors
+        );
+        if let Some(e) = &self.first_error {
+            eprintln!("    first error: {e}");
+        }
+    }
+}
+
 /// The whole result.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Results {
@@ -133,46 +205,65 @@ async fn measure(
     let c = conns(t, clients).await?;
     let cpu_before = server.cpu();
     let m = workload::run(c, workload, t.shape, FAMILIES, amount, mode).await;
-    let cpu = (server.cpu() - cpu_before).as_secs_f64();
-    let (rss, peak) = server.rss();
-    let secs = m.elapsed.as_secs_f64();
-    let q = |p: f64| m.latency.value_at_quantile(p) as f64 / 1000.0;
-    let row = Row {
-        workload: name.into(),
-        target: t.kind,
-        mode: match mode {
-            Mode::Closed => "closed".into(),
-            Mode::Open(r) => format!("open at {r:.0} req/s"),
-        },
-        clients,
-        requests: m.ok,
+    let cpu = server.cpu() - cpu_before;
+    let mode = match mode {
+        Mode::Closed => "closed".into(),
+        Mode::Open(r) => format!("open at {r:.0} req/s"),
+    };
+    let outcome = Outcome {
+        ok: m.ok,
         errors: m.errors,
         first_error: m.first_error,
-        rps: m.ok as f64 / secs,
-        p50_ms: q(0.5),
-        p99_ms: q(0.99),
-        p999_ms: q(0.999),
-        rss_mb: rss as f64 / 1e6,
-        peak_rss_mb: peak as f64 / 1e6,
-        cpu_pct: cpu / secs * 100.0,
+        elapsed: m.elapsed,
+        latency: &m.latency,
     };
-    eprintln!(
-        "{:<22} {:<26} {:>10.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  rss {:>7.1} MB  cpu {:>4.0}%  errors {}",
-        row.workload,
-        t.kind.label(),
-        row.rps,
-        row.p50_ms,
-        row.p99_ms,
-        row.rss_mb,
-        row.cpu_pct,
-        row.errors
-    );
-    if let Some(e) = &row.first_error {
-        eprintln!("    first error: {e}");
-    }
+    let row = Row::new(name, t.kind, mode, clients, outcome, server, cpu);
+    row.print("req/s");
     let rps = row.rps;
     rows.push(row);
     Ok(rps)
+}
+
+/// Runs the watch fan-out against Amphora and measures the server.
+async fn measure_watch(
+    rows: &mut Vec<Row>,
+    server: &Server,
+    t: &Target,
+    a: &SuiteArgs,
+) -> anyhow::Result<()> {
+    let cpu_before = server.cpu();
+    let m = crate::watch::fan_out(
+        &t.addr,
+        a.watchers,
+        a.watch_events,
+        a.watch_rate,
+        a.val_size,
+    )
+    .await?;
+    let cpu = server.cpu() - cpu_before;
+    let mode = format!(
+        "{} watchers, {} puts at {} /s",
+        a.watchers, a.watch_events, a.watch_rate
+    );
+    let outcome = Outcome {
+        ok: m.delivered,
+        errors: m.missing,
+        first_error: m.first_error,
+        elapsed: m.elapsed,
+        latency: &m.latency,
+    };
+    let row = Row::new(
+        "watch fan-out",
+        t.kind,
+        mode,
+        a.watchers,
+        outcome,
+        server,
+        cpu,
+    );
+    row.print("events/s");
+    rows.push(row);
+    Ok(())
 }
 
 /// Families of 100 entries for the list workload.
@@ -414,6 +505,9 @@ pub async fn run(a: SuiteArgs) -> anyhow::Result<()> {
                     .await?;
                 }
             }
+            if *kind == Kind::AmphoraNative && a.watchers > 0 {
+                measure_watch(&mut rows, &server, &t, &a).await?;
+            }
         }
         drop(server);
     }
@@ -459,6 +553,7 @@ pub async fn run(a: SuiteArgs) -> anyhow::Result<()> {
             "clients": a.clients, "duration_s": a.duration.as_secs_f64(), "key_space": a.key_space,
             "key_size": a.key_size, "val_size": a.val_size, "leases": a.leases,
             "memory_entries": a.memory_entries, "command": a.command,
+            "watchers": a.watchers, "watch_events": a.watch_events, "watch_rate": a.watch_rate,
         }),
         machine: crate::report::machine(&a),
         rows,

@@ -68,6 +68,14 @@ pub struct ServeOptions {
     #[arg(long, env = "AMPHORA_MAX_ENUMERATE", value_name = "N")]
     pub max_enumerate: Option<usize>,
 
+    /// The most watch streams open at once [default: 65536].
+    #[arg(long, env = "AMPHORA_MAX_WATCHERS", value_name = "N")]
+    pub max_watchers: Option<usize>,
+
+    /// The most watch streams one client address may hold open [default: 1024].
+    #[arg(long, env = "AMPHORA_MAX_WATCHERS_PER_CLIENT", value_name = "N")]
+    pub max_watchers_per_client: Option<usize>,
+
     /// Log format: text or json [default: text].
     #[arg(long, env = "AMPHORA_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -176,6 +184,10 @@ pub struct Settings {
     pub history_retention: Duration,
     /// enumerateScope limit.
     pub max_enumerate: usize,
+    /// Watch streams open at once.
+    pub max_watchers: usize,
+    /// Watch streams per client address.
+    pub max_watchers_per_client: usize,
     /// Store page cache, bytes.
     pub store_cache_bytes: usize,
     /// Checkpoint interval.
@@ -238,6 +250,10 @@ impl ServeOptions {
             max_value_bytes: self.max_value_bytes.or(lower.max_value_bytes),
             history_retention: self.history_retention.or(lower.history_retention),
             max_enumerate: self.max_enumerate.or(lower.max_enumerate),
+            max_watchers: self.max_watchers.or(lower.max_watchers),
+            max_watchers_per_client: self
+                .max_watchers_per_client
+                .or(lower.max_watchers_per_client),
             store_cache_bytes: self.store_cache_bytes.or(lower.store_cache_bytes),
             checkpoint_interval: self.checkpoint_interval.or(lower.checkpoint_interval),
             log_format: self.log_format.or(lower.log_format),
@@ -301,6 +317,8 @@ impl ServeOptions {
             max_value_bytes: o.max_value_bytes.unwrap_or(1024 * 1024),
             history_retention: o.history_retention.unwrap_or(Duration::from_secs(3600)),
             max_enumerate: o.max_enumerate.unwrap_or(100_000),
+            max_watchers: o.max_watchers.unwrap_or(65_536).max(1),
+            max_watchers_per_client: o.max_watchers_per_client.unwrap_or(1024).max(1),
             store_cache_bytes: o.store_cache_bytes.unwrap_or(64 * 1024 * 1024),
             checkpoint_interval: o.checkpoint_interval.unwrap_or(Duration::from_millis(50)),
             log_format: o.log_format.unwrap_or_default(),

@@ -71,6 +71,15 @@ pub enum ApiError {
     /// The request body is larger than the server accepts.
     #[error("request body too large: the limit is {0} bytes")]
     BodyTooLarge(usize),
+    /// A watch asked for changes older than the history the server keeps (the
+    /// newest dropped revision).
+    #[error(
+        "changes up to revision {0} are no longer kept; read the entries again, then watch without a starting revision"
+    )]
+    Compacted(u64),
+    /// Too many watch streams are open (in all, or from this client).
+    #[error("too many watch streams open {0}; close some or retry later")]
+    TooManyWatchers(&'static str),
     /// Too much work is waiting; retry after a short pause.
     #[error("server overloaded, retry shortly")]
     Overloaded,
@@ -108,6 +117,8 @@ impl ApiError {
             ValueTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "value_too_large"),
             BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Overloaded => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
+            Compacted(_) => (StatusCode::GONE, "history_compacted"),
+            TooManyWatchers(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_watchers"),
             Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -116,7 +127,7 @@ impl ApiError {
     /// Seconds after which a refused client may retry (the `Retry-After` header).
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            ApiError::Overloaded => Some(1),
+            ApiError::Overloaded | ApiError::TooManyWatchers(_) => Some(1),
             ApiError::TooManyFailures(s) => Some(*s),
             _ => None,
         }
@@ -143,6 +154,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Overloaded => ApiError::Overloaded,
+            StoreError::Compacted { compacted } => ApiError::Compacted(compacted),
             StoreError::Unavailable(m) => ApiError::Unavailable(m),
             other => ApiError::Internal(other.to_string()),
         }
@@ -176,6 +188,8 @@ mod tests {
             ApiError::ValueTooLarge(ModelError::ValueTooLarge { len: 2, max: 1 }),
             ApiError::BodyTooLarge(1),
             ApiError::Overloaded,
+            ApiError::Compacted(1),
+            ApiError::TooManyWatchers("in all"),
         ];
         let mut codes = std::collections::HashSet::new();
         for e in &samples {

@@ -7,7 +7,8 @@ use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::service::{Caller, Service};
 use crate::tls::ClientCert;
-use crate::{admin, comet, native};
+use crate::watch::WatchHub;
+use crate::{admin, comet, native, watch};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::FromRequestParts;
@@ -33,6 +34,8 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpAddr>,
+    /// Open watch streams.
+    pub watch: Arc<WatchHub>,
     request_ids: AtomicU64,
     id_prefix: u32,
 }
@@ -103,7 +106,12 @@ impl FromRequestParts<Shared> for CometCaller {
 
 impl AppState {
     /// State around a service.
-    pub fn new(service: Service, metrics: Arc<Metrics>, trusted_proxies: Vec<IpAddr>) -> Self {
+    pub fn new(
+        service: Service,
+        metrics: Arc<Metrics>,
+        trusted_proxies: Vec<IpAddr>,
+        watch: Arc<WatchHub>,
+    ) -> Self {
         let mut seed = [0u8; 4];
         let _ = getrandom::fill(&mut seed);
         AppState {
@@ -111,6 +119,7 @@ impl AppState {
             metrics,
             ready: AtomicBool::new(true),
             trusted_proxies,
+            watch,
             request_ids: AtomicU64::new(0),
             id_prefix: u32::from_le_bytes(seed),
         }
@@ -132,8 +141,8 @@ pub fn router(state: Shared) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/v1/kv/{context}", get(native::list_context))
-        .route("/v1/kv/{context}/{family}", get(native::list_family))
+        .route("/v1/kv/{context}", get(native::list))
+        .route("/v1/kv/{context}/{family}", get(native::list))
         .route(
             "/v1/kv/{context}/{family}/{key}",
             get(native::get).put(native::put).delete(native::delete),
@@ -146,6 +155,8 @@ pub fn router(state: Shared) -> Router {
             "/v1/kv/{context}/{family}/{key}/keepalive",
             post(native::keep_alive),
         )
+        .route("/v1/watch/{context}", get(watch::watch))
+        .route("/v1/watch/{context}/{family}", get(watch::watch))
         .route("/v1/admin/contexts", get(admin::contexts))
         .route(
             "/v1/admin/contexts/{context}",
@@ -218,6 +229,13 @@ fn endpoint_of(path: &str) -> &'static str {
         "/v1/admin/stats" => return "admin_stats",
         p if p.starts_with("/v1/admin/contexts/") => return "admin_context",
         _ => {}
+    }
+    if let Some(rest) = path.strip_prefix("/v1/watch/") {
+        return match rest.split('/').count() {
+            1 => "watch_context",
+            2 => "watch_family",
+            _ => "other",
+        };
     }
     if let Some(rest) = path.strip_prefix("/v1/kv/") {
         let segments: Vec<&str> = rest.split('/').collect();

@@ -19,6 +19,7 @@ pub mod serve;
 pub mod service;
 pub mod throttle;
 pub mod tls;
+pub mod watch;
 
 use crate::config::Settings;
 use crate::http::AppState;
@@ -49,6 +50,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .create(&settings.data_dir)
         .with_context(|| format!("creating data directory {}", settings.data_dir.display()))?;
     let key = keyfile::load_or_create(&settings.data_dir)?;
+    raise_open_files_limit();
     let tls = match &settings.tls {
         Some(files) => Some(Arc::new(
             tls::Tls::load(&files.cert, &files.key, files.client_ca.as_deref())
@@ -97,10 +99,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         metrics.clone(),
         audit.clone(),
     );
+    let watch = watch::WatchHub::start(
+        store.clone(),
+        watch::WatchLimits {
+            max_watchers: settings.max_watchers,
+            per_client: settings.max_watchers_per_client,
+        },
+        metrics.clone(),
+    );
     let state = Arc::new(AppState::new(
         service,
         metrics,
         settings.trusted_proxies.clone(),
+        watch,
     ));
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -127,6 +138,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     serve::serve(listener, tls, app, async move {
         shutdown_signal().await;
         shutdown_state.ready.store(false, Ordering::Release);
+        // Watch streams never end by themselves: end them so that draining can.
+        shutdown_state.watch.close();
         tracing::info!("shutting down: finishing requests in flight");
     })
     .await;
@@ -138,6 +151,23 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     audit.flush().await;
     tracing::info!("shut down cleanly");
     Ok(())
+}
+
+/// Every watch stream holds a connection: allow as many open files as the hard
+/// limit does, instead of the usual soft limit of 1024.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "cannot raise the open files limit");
+        }
+    }
+    tracing::debug!(limit = ?getrlimit(Resource::Nofile).current, "open files limit");
 }
 
 /// Reads the admin token file; answers the token's SHA-256.

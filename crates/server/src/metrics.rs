@@ -35,6 +35,9 @@ pub struct Metrics {
     entries: Gauge,
     token_failures: Counter,
     throttled: Counter,
+    watchers: Gauge,
+    watch_events: Counter,
+    watch_lagged: Counter,
 }
 
 impl Default for Metrics {
@@ -91,7 +94,24 @@ impl Metrics {
             "Requests refused after repeated token failures",
             throttled.clone(),
         );
+        let watchers = Gauge::default();
+        registry.register("watchers", "Watch streams open", watchers.clone());
+        let watch_events = Counter::default();
+        registry.register(
+            "watch_events",
+            "Changes sent to watchers (one per watcher that received it)",
+            watch_events.clone(),
+        );
+        let watch_lagged = Counter::default();
+        registry.register(
+            "watch_lagged",
+            "Watch streams ended because their client fell too far behind",
+            watch_lagged.clone(),
+        );
         Metrics {
+            watchers,
+            watch_events,
+            watch_lagged,
             token_failures,
             throttled,
             registry,
@@ -131,6 +151,21 @@ impl Metrics {
     /// Counts one request refused by the brute-force protection.
     pub fn throttled(&self) {
         self.throttled.inc();
+    }
+
+    /// One more (or, with a negative `delta`, fewer) open watch streams.
+    pub fn watchers(&self, delta: i64) {
+        self.watchers.inc_by(delta);
+    }
+
+    /// Counts changes queued for watchers.
+    pub fn watch_events(&self, n: u64) {
+        self.watch_events.inc_by(n);
+    }
+
+    /// Counts a watch stream ended for lagging.
+    pub fn watch_lagged(&self) {
+        self.watch_lagged.inc();
     }
 
     /// Records one group commit.

@@ -4,7 +4,7 @@
 use crate::error::ApiError;
 use crate::http::{NativeCaller, Shared, read_body};
 use crate::query::Query;
-use crate::service::{Caller, Entry, WriteOptions};
+use crate::service::{Entry, WriteOptions};
 use amphora_model::{EntryKey, context_prefix, family_prefix};
 use amphora_store::EventKind;
 use axum::Json;
@@ -27,11 +27,14 @@ const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
-fn rfc3339(ms: u64) -> String {
+pub(crate) fn rfc3339(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-fn header_token<'h>(headers: &'h HeaderMap, name: &'static str) -> Result<&'h str, ApiError> {
+pub(crate) fn header_token<'h>(
+    headers: &'h HeaderMap,
+    name: &'static str,
+) -> Result<&'h str, ApiError> {
     match headers.get(name) {
         None => Err(ApiError::MissingParameter(name_of(name))),
         Some(v) => match v.to_str() {
@@ -53,7 +56,7 @@ fn name_of(header: &'static str) -> &'static str {
 }
 
 /// Parses the query string and refuses tokens in it.
-fn query(raw: Option<String>) -> Result<Query, ApiError> {
+pub(crate) fn query(raw: Option<String>) -> Result<Query, ApiError> {
     let q = Query::parse(raw.as_deref())?;
     if q.has_any(&["readToken", "writeToken", READ_TOKEN, WRITE_TOKEN, "token"]) {
         return Err(ApiError::TokenInQuery);
@@ -61,7 +64,7 @@ fn query(raw: Option<String>) -> Result<Query, ApiError> {
     Ok(q)
 }
 
-fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
+pub(crate) fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
     p.map(|Path(t)| t)
         .map_err(|e| ApiError::BadRequest(format!("invalid path: {}", e.body_text())))
 }
@@ -264,39 +267,77 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-async fn list(
-    state: Shared,
-    caller: Caller,
-    context: String,
-    family: Option<String>,
-    raw: Option<String>,
+/// A context or a family named by the path (`/{context}` or `/{context}/{family}`),
+/// validated, with its store prefix.
+pub struct Scope {
+    /// The context.
+    pub context: String,
+    /// The family, when the path names one.
+    pub family: Option<String>,
+    /// The store prefix of everything in scope.
+    pub prefix: Vec<u8>,
+}
+
+impl FromRequestParts<Shared> for Scope {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, ApiError> {
+        let p = Path::<Vec<(String, String)>>::from_request_parts(parts, state).await;
+        let mut names = path(p)?.into_iter().map(|(_, v)| v);
+        let context = names
+            .next()
+            .ok_or_else(|| ApiError::BadRequest("the path names no context".into()))?;
+        let family = names.next();
+        state.service.context_name(&context)?;
+        let prefix = match &family {
+            Some(f) => {
+                state.service.family_name(f)?;
+                family_prefix(&context, f)
+            }
+            None => context_prefix(&context),
+        };
+        Ok(Scope {
+            context,
+            family,
+            prefix,
+        })
+    }
+}
+
+/// `GET /v1/kv/{context}` and `GET /v1/kv/{context}/{family}`: the visible entries,
+/// paginated.
+pub async fn list(
+    State(state): State<Shared>,
+    NativeCaller(caller): NativeCaller,
+    scope: Scope,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let q = query(raw)?;
-    state.service.context_name(&context)?;
-    if let Some(f) = &family {
-        state.service.family_name(f)?;
-    }
     let read = header_token(&headers, READ_TOKEN)?;
     let limit = page_limit(&q)?;
     // The cursor is the hex of the store key after the listed prefix: opaque to
     // clients, and checked to stay inside the prefix.
-    let prefix = match &family {
-        Some(f) => family_prefix(&context, f),
-        None => context_prefix(&context),
-    };
+    let prefix = scope.prefix.as_slice();
     let after = match q.get("after") {
         None | Some("") => None,
         Some(cursor) => {
             let suffix = unhex(cursor).ok_or_else(|| {
                 ApiError::BadRequest("after must be a cursor returned as next".into())
             })?;
-            Some([prefix.as_slice(), &suffix].concat())
+            Some([prefix, &suffix].concat())
         }
     };
     let listing = state
         .service
-        .list(&caller, &context, family.as_deref(), read, after, limit)
+        .list(
+            &caller,
+            &scope.context,
+            scope.family.as_deref(),
+            read,
+            after,
+            limit,
+        )
         .await?;
     let entries = listing
         .entries
@@ -305,31 +346,8 @@ async fn list(
         .collect::<Result<Vec<_>, _>>()?;
     let next = listing
         .next
-        .map(|k| hex(k.strip_prefix(prefix.as_slice()).unwrap_or(&k)));
+        .map(|k| hex(k.strip_prefix(prefix).unwrap_or(&k)));
     Ok(Json(serde_json::json!({"entries": entries, "next": next})).into_response())
-}
-
-/// `GET /v1/kv/{context}`: the context's visible entries, paginated.
-pub async fn list_context(
-    State(state): State<Shared>,
-    NativeCaller(caller): NativeCaller,
-    p: Result<Path<String>, PathRejection>,
-    RawQuery(raw): RawQuery,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    list(state, caller, path(p)?, None, raw, headers).await
-}
-
-/// `GET /v1/kv/{context}/{family}`: the family's visible entries, paginated.
-pub async fn list_family(
-    State(state): State<Shared>,
-    NativeCaller(caller): NativeCaller,
-    p: Result<Path<(String, String)>, PathRejection>,
-    RawQuery(raw): RawQuery,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let (c, f) = path(p)?;
-    list(state, caller, c, Some(f), raw, headers).await
 }
 
 /// `GET /v1/kv/{context}/{family}/{key}/history`: recent changes, deletions included.

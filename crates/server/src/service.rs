@@ -798,6 +798,11 @@ impl Service {
                     }
                 }
                 EventKind::Delete => {
+                    // A deletion carries the record it ended (older logs: nothing).
+                    if !event.value.is_empty() {
+                        let record = Record::decode(&event.value).map_err(corrupted)?;
+                        owner_matches = record.readable_with(&read);
+                    }
                     if owner_matches {
                         visible.push(HistoryItem {
                             revision: event.revision,
@@ -815,6 +820,25 @@ impl Service {
         }
         visible.reverse();
         Ok(visible)
+    }
+
+    /// Admits a watch of a context or a family: answers the hash of its read token,
+    /// which decides what the stream shows. A wrong token is not an error here: it
+    /// shows nothing, and says nothing about which entries exist.
+    pub async fn open_watch(
+        &self,
+        caller: &Caller,
+        context: &str,
+        family: Option<&str>,
+        read: &str,
+    ) -> Result<TokenHash, ApiError> {
+        let names = Names {
+            context: Some(context),
+            family,
+            key: None,
+        };
+        let work = async { self.token(TokenRole::Read, read) };
+        self.guarded(caller, names, |_| "watch", work).await
     }
 
     /// Renews the lease of an entry.

@@ -466,14 +466,7 @@ async fn every_bad_input_gets_a_json_error_and_the_server_keeps_serving() {
         .await;
     assert_eq!(r["value"]["value"], "v");
     assert_eq!(c.get(s.url("/healthz")).send().await.unwrap().status(), 200);
-    let metrics = c
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(&s).await;
     assert!(
         !metrics.contains("status=\"5"),
         "no 5xx was ever answered:\n{metrics}"

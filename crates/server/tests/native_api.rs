@@ -325,14 +325,7 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
         (Some("ready"), Some(1), Some(1))
     );
 
-    let text = c
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::metrics_text(&s).await;
     for needle in [
         "amphora_http_requests_total{endpoint=\"kv_entry\",method=\"PUT\",status=\"201\"} 1",
         "amphora_http_request_duration_seconds_bucket",

@@ -261,14 +261,7 @@ async fn repeated_token_failures_are_slowed_then_refused_without_hurting_others(
         200
     );
 
-    let metrics = neighbour
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(&s).await;
     assert!(
         metrics.contains("amphora_token_failures_total 4"),
         "{metrics}"

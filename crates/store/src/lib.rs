@@ -99,7 +99,8 @@ pub struct Event {
     pub kind: EventKind,
     /// The key.
     pub key: Vec<u8>,
-    /// The new value for a put; empty for a delete.
+    /// The new value for a put; for a delete, the value the entry had until then
+    /// (etcd's `prev_kv`), so that a reader can tell whose entry ended.
     pub value: Vec<u8>,
     /// When the change was committed, in ms since the Unix epoch.
     pub at_ms: u64,

@@ -839,7 +839,8 @@ impl Writer {
             prev = modified;
             if !was_live {
                 // The old incarnation expired but was not swept yet: record its end first.
-                prev = self.record(t, EventKind::Delete, &put.key, &[], prev, now, events)?;
+                let last = Self::stored_value(t, &put.key)?;
+                prev = self.record(t, EventKind::Delete, &put.key, &last, prev, now, events)?;
             }
             if old_lease != 0 && old_lease != lease {
                 t.lease_keys
@@ -905,11 +906,22 @@ impl Writer {
         now: u64,
         events: &mut Vec<Event>,
     ) -> Result<Revision> {
-        t.kv.remove(key).map_err(backend)?;
+        let last = match t.kv.remove(key).map_err(backend)? {
+            Some(guard) => Stored::decode(guard.value())?.value.to_vec(),
+            None => Vec::new(),
+        };
         if lease != 0 {
             t.lease_keys.remove((lease, key)).map_err(backend)?;
         }
-        self.record(t, EventKind::Delete, key, &[], modified, now, events)
+        self.record(t, EventKind::Delete, key, &last, modified, now, events)
+    }
+
+    /// The value stored under `key`, live or not; empty when there is none.
+    fn stored_value(t: &Tables, key: &[u8]) -> Result<Vec<u8>> {
+        match t.kv.get(key).map_err(backend)? {
+            Some(guard) => Ok(Stored::decode(guard.value())?.value.to_vec()),
+            None => Ok(Vec::new()),
+        }
     }
 
     fn grant(&mut self, t: &mut Tables, ttl: Duration, now: u64) -> Result<Lease> {

@@ -112,7 +112,7 @@ async fn history_and_changes(s: impl Store) {
     assert_eq!(
         summary,
         [
-            (4, EventKind::Delete, &b""[..]),
+            (4, EventKind::Delete, &b"2"[..]),
             (3, EventKind::Put, b"2"),
             (1, EventKind::Put, b"1")
         ]
