@@ -27,7 +27,6 @@ fn ok(value: Value) -> Response {
 
 /// Renders an error in the COMET envelope, with the status of the error table.
 pub fn error(e: ApiError) -> Response {
-    e.log_if_server_side();
     let (status, code) = e.status_and_code();
     let mut response = (
         status,

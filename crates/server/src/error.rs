@@ -133,21 +133,33 @@ impl ApiError {
         }
     }
 
-    /// The message a client sees. Server-side failures say little; their details are
-    /// logged (with the request id) by [`ApiError::log_if_server_side`].
+    /// The message a client sees. Server-side failures say little; their details
+    /// travel with the response as [`ServerSideError`] and are logged with the request
+    /// id.
     pub fn public_message(&self) -> String {
         self.to_string()
     }
 
-    /// Logs the hidden details of 5xx errors.
-    pub fn log_if_server_side(&self) {
+    /// The hidden details of a 5xx error, for the log.
+    pub fn server_side(&self) -> Option<ServerSideError> {
         match self {
-            ApiError::Unavailable(detail) | ApiError::Internal(detail) => {
-                tracing::error!(error = %detail, code = self.status_and_code().1, "request failed on the server side");
-            }
-            _ => {}
+            ApiError::Unavailable(detail) | ApiError::Internal(detail) => Some(ServerSideError {
+                code: self.status_and_code().1,
+                detail: detail.clone(),
+            }),
+            _ => None,
         }
     }
+}
+
+/// The details of a server-side failure, attached to its response (never sent) so
+/// that the request's middleware logs them under the request id.
+#[derive(Debug, Clone)]
+pub struct ServerSideError {
+    /// The stable code.
+    pub code: &'static str,
+    /// What went wrong.
+    pub detail: String,
 }
 
 impl From<StoreError> for ApiError {

@@ -3,7 +3,7 @@
 //!
 //! Invariant: query strings never reach a log line. COMET clients put tokens there.
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ServerSideError};
 use crate::metrics::Metrics;
 use crate::service::{Caller, Service};
 use crate::tls::ClientCert;
@@ -278,9 +278,18 @@ async fn observe(State(state): State<Shared>, req: Request, next: Next) -> Respo
             req.uri().query().map(redact_query),
         )
     });
-    let span = tracing::info_span!("request", request_id = %id, %method, endpoint);
+    // A span per request costs more than a get does in the store: only when the
+    // per-request lines are on. Server-side failures are logged below with the id.
+    let span = if detail.is_some() {
+        tracing::info_span!("request", request_id = %id, %method, endpoint)
+    } else {
+        tracing::Span::none()
+    };
     let mut response = next.run(req).instrument(span.clone()).await;
     let status = response.status();
+    if let Some(failure) = response.extensions().get::<ServerSideError>() {
+        tracing::error!(request_id = %id, %method, endpoint, code = failure.code, error = %failure.detail, "request failed on the server side");
+    }
     let elapsed = started.elapsed();
     state.metrics.observe_request(
         endpoint,
@@ -370,7 +379,6 @@ fn truncate(s: &str, max: usize) -> &str {
 
 /// Renders a native API error: `{"error": {"code": ..., "message": ...}}`.
 pub fn native_error(e: ApiError) -> Response {
-    e.log_if_server_side();
     let (status, code) = e.status_and_code();
     let body = serde_json::json!({"error": {"code": code, "message": e.public_message()}});
     let mut response = (status, axum::Json(body)).into_response();
@@ -382,6 +390,9 @@ pub fn native_error(e: ApiError) -> Response {
 /// that ends, and `Connection: close` for a body refused unread (the rest of it is
 /// still on the wire, so the connection cannot carry another request).
 pub fn error_headers(response: &mut Response, e: &ApiError) {
+    if let Some(detail) = e.server_side() {
+        response.extensions_mut().insert(detail);
+    }
     if let Some(seconds) = e.retry_after() {
         response
             .headers_mut()
