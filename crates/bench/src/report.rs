@@ -123,6 +123,22 @@ pub fn markdown(r: &Results) -> String {
         s["leases"],
         s["memory_entries"]
     );
+    if s.get("watchers").is_some_and(|w| w.as_u64() != Some(0)) {
+        let _ = writeln!(
+            o,
+            concat!(
+                "Watch fan-out: {} watchers of one family, each its own connection holding ",
+                "`GET /v1/watch/bench/watched` open (Amphora only: the other systems have no ",
+                "equivalent in this harness yet), and one writer making {} changes at {} per ",
+                "second; latency runs from the moment a put is sent to the moment its event ",
+                "reaches a watcher (the durable write included). One change to 10,000 watchers ",
+                "costs about 0.2 CPU-seconds between server and load generator, so the rate keeps ",
+                "fan-outs from queueing behind each other on two cores; the req/s column counts ",
+                "events delivered per second.\n"
+            ),
+            s["watchers"], s["watch_events"], s["watch_rate"]
+        );
+    }
 
     let _ = writeln!(o, "## Results\n");
     let _ = writeln!(
