@@ -27,6 +27,12 @@ pub struct Record {
 }
 
 impl Record {
+    /// Where the creation time lies in an encoded record.
+    pub const CREATED_AT: std::ops::Range<usize> = 1..9;
+    /// Where the read and the write token hashes lie in an encoded record, in that
+    /// order.
+    pub const TOKEN_HASHES: std::ops::Range<usize> = 17..81;
+
     /// The bytes written to the store.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER + self.value.len());
@@ -78,6 +84,26 @@ impl Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn field_ranges_match_the_encoding() {
+        let r = Record {
+            created_at_ms: 0x0102_0304_0506_0708,
+            updated_at_ms: 9,
+            read_hash: TokenHash([0xaa; 32]),
+            write_hash: TokenHash([0xbb; 32]),
+            value: "1".into(),
+        };
+        let bytes = r.encode();
+        assert_eq!(
+            &bytes[Record::CREATED_AT],
+            &0x0102_0304_0506_0708u64.to_be_bytes()
+        );
+        assert_eq!(
+            &bytes[Record::TOKEN_HASHES],
+            [[0xaa; 32], [0xbb; 32]].concat().as_slice()
+        );
+    }
     use proptest::prelude::*;
 
     proptest! {

@@ -13,7 +13,8 @@ use amphora_model::{
     TokenRole, check_token_strength, context_prefix, family_prefix, validate_name,
 };
 use amphora_store::{
-    Condition, EventKind, KeyValue, Lease, LeaseChoice, Put, Revision, Store, StoreError, now_ms,
+    Condition, EventKind, KeyValue, Lease, LeaseChoice, Put, Revision, Store, StoreError,
+    ValueGuard, now_ms,
 };
 use dashmap::DashMap;
 use sha2::{Digest, Sha256};
@@ -485,6 +486,12 @@ impl Service {
         self.check_value(value.len())?;
         let (read, write) = self.token_pair(read, write)?;
         let encoded = key.encode();
+        if let Some(written) = self
+            .modify_in_place(&encoded, &value, &read, &write, options)
+            .await?
+        {
+            return Ok(written);
+        }
         for _ in 0..MAX_RETRIES {
             let now = now_ms();
             let current = self.store.get(&encoded).await?;
@@ -549,10 +556,8 @@ impl Service {
                 None => LeaseChoice::Keep,
             };
             let put = Put {
-                key: encoded.clone(),
-                value: record.encode(),
-                condition,
                 lease,
+                ..Put::new(encoded.clone(), record.encode(), condition)
             };
             match self.store.put(put).await {
                 Ok(revision) => {
@@ -579,6 +584,57 @@ impl Service {
         Err(ApiError::Conflict(
             "the entry is being changed by many writers at once; retry".into(),
         ))
+    }
+
+    /// The common write, a plain modify of an existing entry, in one store step: the
+    /// store checks the token hashes and carries the creation time over from the
+    /// current record, so nothing is read first. `None` when this write is not such a
+    /// modify (the entry does not exist, or options or idle expiry need the current
+    /// record): the caller takes the general path.
+    async fn modify_in_place(
+        &self,
+        encoded: &[u8],
+        value: &str,
+        read: &TokenHash,
+        write: &TokenHash,
+        options: &WriteOptions,
+    ) -> Result<Option<Written>, ApiError> {
+        // Idle expiry decides liveness from the record; create-only and leases need
+        // to know whether the entry exists.
+        if self.idle.is_some() || options.create_only || options.ttl.is_some() {
+            return Ok(None);
+        }
+        let now = now_ms();
+        let record = Record {
+            // Replaced by the current record's in the store.
+            created_at_ms: 0,
+            updated_at_ms: now,
+            read_hash: *read,
+            write_hash: *write,
+            value: value.to_owned(),
+        };
+        let condition = options
+            .if_match
+            .map(Condition::Revision)
+            .unwrap_or(Condition::Exists);
+        let put = Put {
+            guard: Some(ValueGuard {
+                offset: Record::TOKEN_HASHES.start,
+                expected: [read.0, write.0].concat(),
+                carry: Record::CREATED_AT,
+            }),
+            ..Put::new(encoded.to_vec(), record.encode(), condition)
+        };
+        match self.store.put(put).await {
+            Ok(revision) => Ok(Some(Written {
+                revision,
+                created: false,
+            })),
+            Err(StoreError::Mismatch) => Err(ApiError::Forbidden),
+            // Absent, or If-Match did not hold: the general path says which.
+            Err(StoreError::Conflict { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The live entry under `encoded` when both tokens are its own: 404 when it does

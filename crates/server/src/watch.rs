@@ -655,7 +655,7 @@ mod tests {
     async fn a_watcher_that_falls_behind_is_dropped_and_others_get_everything() {
         use amphora_model::TokenHasher;
         use amphora_store::redb::{RedbOptions, RedbStore};
-        use amphora_store::{Condition, LeaseChoice, Put};
+        use amphora_store::{Condition, Put};
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
             Arc::new(RedbStore::open(&dir.path().join("db"), RedbOptions::default()).unwrap());
@@ -693,12 +693,11 @@ mod tests {
         }
         .encode();
         for i in 0..total {
-            let put = Put {
-                key: EntryKey::new("c", "f", format!("k{i}")).encode(),
-                value: record.clone(),
-                condition: Condition::None,
-                lease: LeaseChoice::Keep,
-            };
+            let put = Put::new(
+                EntryKey::new("c", "f", format!("k{i}")).encode(),
+                record.clone(),
+                Condition::None,
+            );
             store.put(put).await.unwrap();
         }
         let got = reader.await.unwrap();

@@ -60,6 +60,9 @@ async fn create_read_replace_cas_delete_and_history() {
     assert_eq!(body["revision"], 1);
     assert_eq!(body["expires_at"], Value::Null);
     assert_eq!(body["created_at"], body["updated_at"]);
+    let created_at = body["created_at"].clone();
+    // Times have millisecond resolution: make the next write's visibly later.
+    tokio::time::sleep(Duration::from_millis(5)).await;
 
     // A wrong read token: the entry does not exist for that caller.
     assert_eq!(get_json(&c, &url, "OtherToken1").await.0, 404);
@@ -91,7 +94,9 @@ async fn create_read_replace_cas_delete_and_history() {
 
     let (_, body) = get_json(&c, &url, READ).await;
     assert_eq!(body["value"], "v3");
-    assert_ne!(body["created_at"], Value::Null);
+    // Modifying keeps the creation time and moves the update time.
+    assert_eq!(body["created_at"], created_at);
+    assert!(body["updated_at"].as_str() > created_at.as_str());
 
     // Modifying with the wrong write token changes nothing.
     let r = c

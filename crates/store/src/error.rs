@@ -10,6 +10,9 @@ pub enum StoreError {
         /// The key's current modification revision, if it exists.
         current: Option<crate::Revision>,
     },
+    /// A put's [`crate::ValueGuard`] did not hold; nothing changed.
+    #[error("the current value does not match the guard")]
+    Mismatch,
     /// The lease does not exist or has expired.
     #[error("lease {0} not found or expired")]
     LeaseNotFound(crate::LeaseId),

@@ -68,7 +68,7 @@ pub enum LeaseChoice {
     Clear,
 }
 
-/// A write of one key.
+/// A write of one key. [`Put::new`] makes one without a guard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Put {
     /// The key.
@@ -79,6 +79,38 @@ pub struct Put {
     pub condition: Condition,
     /// What happens to the lease.
     pub lease: LeaseChoice,
+    /// A check of the current value, and bytes carried over from it; needs an
+    /// existing entry.
+    pub guard: Option<ValueGuard>,
+}
+
+/// A check a put makes on the current value's bytes before it writes, and bytes it
+/// carries over from the current value into the new one. This is how a caller whose
+/// values start with a header (token hashes, a creation time) replaces one without
+/// reading it first: the check and the carry happen in the same atomic step as the
+/// write. A put with a guard fails with [`StoreError::Conflict`] when the key does
+/// not exist and with [`StoreError::Mismatch`] when the check fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueGuard {
+    /// Where the checked bytes start in the current value.
+    pub offset: usize,
+    /// What they must be.
+    pub expected: Vec<u8>,
+    /// These bytes of the current value replace the same bytes of the new one.
+    pub carry: std::ops::Range<usize>,
+}
+
+impl Put {
+    /// A put of `value` under `key` with a condition, keeping the lease, unguarded.
+    pub fn new(key: Vec<u8>, value: Vec<u8>, condition: Condition) -> Self {
+        Put {
+            key,
+            value,
+            condition,
+            lease: LeaseChoice::Keep,
+            guard: None,
+        }
+    }
 }
 
 /// What a change did.

@@ -26,7 +26,7 @@
 use crate::wal::{Appender, Wal};
 use crate::{
     CommitInfo, CommitObserver, Condition, Event, EventKind, KeyValue, Lease, LeaseChoice, LeaseId,
-    Page, Put, Result, Revision, Store, StoreError, now_ms,
+    Page, Put, Result, Revision, Store, StoreError, ValueGuard, now_ms,
 };
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -826,6 +826,18 @@ impl Writer {
                 current: live.map(|c| c.1),
             });
         }
+        let guarded;
+        let value = match &put.guard {
+            None => &put.value,
+            Some(guard) => {
+                // Exists, since a guard requires it.
+                if live.is_none() {
+                    return Err(StoreError::Conflict { current: None });
+                }
+                guarded = Self::apply_guard(&Self::stored_value(t, &put.key)?, put, guard)?;
+                &guarded
+            }
+        };
         let lease = match put.lease {
             LeaseChoice::Keep => live.map(|c| c.2).unwrap_or(0),
             LeaseChoice::Clear => 0,
@@ -854,11 +866,11 @@ impl Writer {
                 prev = grave.value();
             }
         }
-        let revision = self.record(t, EventKind::Put, &put.key, &put.value, prev, now, events)?;
+        let revision = self.record(t, EventKind::Put, &put.key, value, prev, now, events)?;
         let create = live.map(|c| c.0).unwrap_or(revision);
         t.kv.insert(
             put.key.as_slice(),
-            Stored::encode(create, revision, lease, &put.value).as_slice(),
+            Stored::encode(create, revision, lease, value).as_slice(),
         )
         .map_err(backend)?;
         if lease != 0 {
@@ -914,6 +926,23 @@ impl Writer {
             t.lease_keys.remove((lease, key)).map_err(backend)?;
         }
         self.record(t, EventKind::Delete, key, &last, modified, now, events)
+    }
+
+    /// Checks `guard` against the current value and answers the value to write.
+    fn apply_guard(current: &[u8], put: &Put, guard: &ValueGuard) -> Result<Vec<u8>> {
+        let checked = guard.offset..guard.offset.saturating_add(guard.expected.len());
+        if current.get(checked) != Some(guard.expected.as_slice()) {
+            return Err(StoreError::Mismatch);
+        }
+        let mut value = put.value.clone();
+        match (
+            current.get(guard.carry.clone()),
+            value.get_mut(guard.carry.clone()),
+        ) {
+            (Some(from), Some(to)) => to.copy_from_slice(from),
+            _ => return Err(StoreError::Mismatch),
+        }
+        Ok(value)
     }
 
     /// The value stored under `key`, live or not; empty when there is none.
@@ -1064,7 +1093,8 @@ fn encode_ops(ops: &[&Op]) -> Vec<u8> {
     for op in ops {
         match op {
             Op::Put(p) => {
-                out.push(1);
+                // Tag 9 adds the guard; 1 stays readable for logs written before it.
+                out.push(if p.guard.is_some() { 9 } else { 1 });
                 put_bytes(&mut out, &p.key);
                 put_bytes(&mut out, &p.value);
                 put_condition(&mut out, p.condition);
@@ -1075,6 +1105,12 @@ fn encode_ops(ops: &[&Op]) -> Vec<u8> {
                 };
                 out.push(tag);
                 out.extend_from_slice(&id.to_be_bytes());
+                if let Some(g) = &p.guard {
+                    for n in [g.offset, g.carry.start, g.carry.end] {
+                        out.extend_from_slice(&(n as u64).to_be_bytes());
+                    }
+                    put_bytes(&mut out, &g.expected);
+                }
             }
             Op::Delete(key, c) => {
                 out.push(2);
@@ -1140,7 +1176,7 @@ fn decode_ops(mut b: &[u8]) -> Result<Vec<Op>> {
     while !b.is_empty() {
         let tag = take(&mut b, 1)?[0];
         ops.push(match tag {
-            1 => {
+            1 | 9 => {
                 let key = bytes(&mut b)?;
                 let value = bytes(&mut b)?;
                 let condition = condition(&mut b)?;
@@ -1152,11 +1188,23 @@ fn decode_ops(mut b: &[u8]) -> Result<Vec<Op>> {
                     2 => LeaseChoice::Clear,
                     _ => return Err(bad()),
                 };
+                let guard = if tag == 9 {
+                    let mut n = || u64_(&mut b).map(|n| n as usize);
+                    let (offset, start, end) = (n()?, n()?, n()?);
+                    Some(ValueGuard {
+                        offset,
+                        carry: start..end,
+                        expected: bytes(&mut b)?,
+                    })
+                } else {
+                    None
+                };
                 Op::Put(Put {
                     key,
                     value,
                     condition,
                     lease,
+                    guard,
                 })
             }
             2 => {

@@ -4,19 +4,14 @@
 //! [`model_based`] drives random operation sequences against a store and a
 //! `BTreeMap` model side by side and compares every answer.
 
-use crate::{Condition, EventKind, LeaseChoice, Put, Revision, Store, StoreError};
+use crate::{Condition, EventKind, LeaseChoice, Put, Revision, Store, StoreError, ValueGuard};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
 fn put(key: &[u8], value: &[u8], condition: Condition) -> Put {
-    Put {
-        key: key.to_vec(),
-        value: value.to_vec(),
-        condition,
-        lease: LeaseChoice::Keep,
-    }
+    Put::new(key.to_vec(), value.to_vec(), condition)
 }
 
 /// Runs every conformance check, each against a new store made by `make`.
@@ -27,6 +22,7 @@ where
     Fut: Future<Output = S>,
 {
     revisions_and_cas(make().await).await;
+    guarded_puts(make().await).await;
     prefix_scans(make().await).await;
     history_and_changes(make().await).await;
     leases(make().await).await;
@@ -70,6 +66,48 @@ async fn revisions_and_cas(s: impl Store) {
     // A new incarnation gets a new create revision.
     let r4 = s.put(put(b"a", b"new", Condition::Absent)).await.unwrap();
     assert_eq!(s.get(b"a").await.unwrap().unwrap().create_revision, r4);
+    s.close().await.unwrap();
+}
+
+async fn guarded_puts(s: impl Store) {
+    // Values with a header: 4 bytes kept by the store, 4 bytes checked, then data.
+    s.put(put(b"g", b"KEEPtok1old", Condition::None))
+        .await
+        .unwrap();
+    let guarded = |expected: &[u8], value: &[u8]| Put {
+        guard: Some(ValueGuard {
+            offset: 4,
+            expected: expected.to_vec(),
+            carry: 0..4,
+        }),
+        ..put(b"g", value, Condition::Exists)
+    };
+    assert_eq!(
+        s.put(guarded(b"tok2", b"____tok2new")).await,
+        Err(StoreError::Mismatch)
+    );
+    let r = s.put(guarded(b"tok1", b"____tok1new")).await.unwrap();
+    let kv = s.get(b"g").await.unwrap().unwrap();
+    assert_eq!(
+        (kv.value.as_slice(), kv.mod_revision),
+        (&b"KEEPtok1new"[..], r)
+    );
+    // The history and the change feed hold the value as written, carried bytes included.
+    assert_eq!(s.history(b"g", 1).await.unwrap()[0].value, b"KEEPtok1new");
+    // A guard needs an existing entry, and a carry inside both values.
+    assert_eq!(
+        s.put(Put {
+            key: b"absent".to_vec(),
+            ..guarded(b"tok1", b"____tok1new")
+        })
+        .await,
+        Err(StoreError::Conflict { current: None })
+    );
+    assert_eq!(
+        s.put(guarded(b"tok1", b"ab")).await,
+        Err(StoreError::Mismatch)
+    );
+    assert_eq!(s.get(b"g").await.unwrap().unwrap().mod_revision, r);
     s.close().await.unwrap();
 }
 

@@ -22,14 +22,9 @@ async fn redb_passes_conformance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redb_keeps_revisions_across_reopen() {
-    use amphora_store::{Condition, LeaseChoice, Put, Store};
+    use amphora_store::{Condition, Put, Store};
     let dir = tempfile::tempdir().unwrap();
-    let put = |k: &[u8]| Put {
-        key: k.to_vec(),
-        value: b"v".to_vec(),
-        condition: Condition::None,
-        lease: LeaseChoice::Keep,
-    };
+    let put = |k: &[u8]| Put::new(k.to_vec(), b"v".to_vec(), Condition::None);
     let s = open(&dir);
     s.put(put(b"a")).await.unwrap();
     s.put(put(b"b")).await.unwrap();
@@ -65,11 +60,8 @@ async fn redb_replays_the_write_ahead_log_after_a_crash() {
         ..RedbOptions::default()
     };
     let s = RedbStore::open(&dir.path().join("a.redb"), no_checkpoint()).unwrap();
-    let put = |k: &str, v: &str, condition| Put {
-        key: k.as_bytes().to_vec(),
-        value: v.as_bytes().to_vec(),
-        condition,
-        lease: LeaseChoice::Keep,
+    let put = |k: &str, v: &str, condition| {
+        Put::new(k.as_bytes().to_vec(), v.as_bytes().to_vec(), condition)
     };
     let mut writes = Vec::new();
     for i in 0..200 {
@@ -94,6 +86,20 @@ async fn redb_replays_the_write_ahead_log_after_a_crash() {
     })
     .await
     .unwrap();
+    // A guarded put is logged with its guard: replay carries the same bytes.
+    s.put(put("guarded", "KEEPold", Condition::None))
+        .await
+        .unwrap();
+    s.put(Put {
+        guard: Some(amphora_store::ValueGuard {
+            offset: 4,
+            expected: b"old".to_vec(),
+            carry: 0..4,
+        }),
+        ..put("guarded", "____new", Condition::Exists)
+    })
+    .await
+    .unwrap();
     let revision = s.revision().await.unwrap();
     let before = s.range(b"", None, 1000).await.unwrap();
 
@@ -112,6 +118,7 @@ async fn redb_replays_the_write_ahead_log_after_a_crash() {
     let r = RedbStore::open(&crashed.path().join("a.redb"), RedbOptions::default()).unwrap();
     assert_eq!(r.revision().await.unwrap(), revision);
     assert_eq!(r.range(b"", None, 1000).await.unwrap(), before);
+    assert_eq!(r.get(b"guarded").await.unwrap().unwrap().value, b"KEEPnew");
     assert_eq!(
         r.lease(lease.id).await.unwrap().map(|l| l.id),
         Some(lease.id)
