@@ -41,8 +41,12 @@ enum Command {
         #[arg(long, default_value = "BENCHMARKS.md")]
         markdown: std::path::PathBuf,
     },
-    /// Watch fan-out against a running Amphora: watchers of one family, one writer.
+    /// Watch fan-out against a running server: watchers of one family (or etcd
+    /// prefix), one writer.
     Watch {
+        /// The system: amphora-native, or etcd-grpc (with the `etcd` feature).
+        #[arg(long, value_enum, default_value = "amphora-native")]
+        target: targets::Kind,
         /// `host:port` of the server (plain HTTP).
         #[arg(long)]
         endpoint: String,
@@ -176,13 +180,25 @@ fn main() -> ExitCode {
             Command::Suite(a) => suite::run(*a).await,
             Command::BareHttp { listen } => servers::serve_bare(&listen).await,
             Command::Watch {
+                target,
                 endpoint,
                 watchers,
                 events,
                 rate,
                 val_size,
             } => {
-                let m = watch::fan_out(&endpoint, watchers, events, rate, val_size).await?;
+                let spec = watch::Spec {
+                    watchers,
+                    events,
+                    rate,
+                    val_size,
+                };
+                let m = match target {
+                    #[cfg(feature = "etcd")]
+                    targets::Kind::EtcdGrpc => watch::fan_out_etcd(&endpoint, spec).await?,
+                    targets::Kind::AmphoraNative => watch::fan_out(&endpoint, spec).await?,
+                    other => anyhow::bail!("no watch fan-out for {}", other.label()),
+                };
                 let q = |p: f64| m.latency.value_at_quantile(p) as f64 / 1000.0;
                 println!(
                     "{}",

@@ -224,7 +224,7 @@ async fn measure(
     Ok(rps)
 }
 
-/// Runs the watch fan-out against Amphora and measures the server.
+/// Runs the watch fan-out against Amphora or etcd and measures the server.
 async fn measure_watch(
     rows: &mut Vec<Row>,
     server: &Server,
@@ -232,14 +232,17 @@ async fn measure_watch(
     a: &SuiteArgs,
 ) -> anyhow::Result<()> {
     let cpu_before = server.cpu();
-    let m = crate::watch::fan_out(
-        &t.addr,
-        a.watchers,
-        a.watch_events,
-        a.watch_rate,
-        a.val_size,
-    )
-    .await?;
+    let spec = crate::watch::Spec {
+        watchers: a.watchers,
+        events: a.watch_events,
+        rate: a.watch_rate,
+        val_size: a.val_size,
+    };
+    let m = match t.kind {
+        #[cfg(feature = "etcd")]
+        Kind::EtcdGrpc => crate::watch::fan_out_etcd(&t.addr, spec).await?,
+        _ => crate::watch::fan_out(&t.addr, spec).await?,
+    };
     let cpu = server.cpu() - cpu_before;
     let mode = format!(
         "{} watchers, {} puts at {} /s",
@@ -505,7 +508,8 @@ pub async fn run(a: SuiteArgs) -> anyhow::Result<()> {
                     .await?;
                 }
             }
-            if *kind == Kind::AmphoraNative && a.watchers > 0 {
+            let watches = matches!(kind, Kind::AmphoraNative | Kind::EtcdGrpc);
+            if watches && a.watchers > 0 {
                 measure_watch(&mut rows, &server, &t, &a).await?;
             }
         }

@@ -22,6 +22,19 @@ const CONNECT_CONCURRENCY: usize = 128;
 /// How long watchers may take to receive the last event after it was written.
 const DRAIN: Duration = Duration::from_secs(30);
 
+/// The shape of a fan-out run.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec {
+    /// Watch streams to open.
+    pub watchers: usize,
+    /// Changes the writer makes.
+    pub events: u64,
+    /// Changes per second.
+    pub rate: f64,
+    /// Bytes of a value.
+    pub val_size: usize,
+}
+
 /// What a fan-out run measured.
 #[derive(Debug)]
 pub struct FanOut {
@@ -120,47 +133,62 @@ async fn put(tcp: &mut TcpStream, addr: &str, i: u64, value: &str) -> anyhow::Re
     }
 }
 
-/// Runs the fan-out: `watchers` streams, `events` puts at `rate` per second.
-pub async fn fan_out(
-    addr: &str,
-    watchers: usize,
-    events: u64,
-    rate: f64,
-    val_size: usize,
-) -> anyhow::Result<FanOut> {
-    // Open the watchers a batch at a time, so the listen backlog never overflows.
-    let mut streams = Vec::with_capacity(watchers);
+/// Opens `n` watchers with `open`, a batch at a time, so that the listen backlog
+/// never overflows.
+async fn open_all<W, F, Fut>(n: usize, open: F) -> anyhow::Result<Vec<W>>
+where
+    W: Send + 'static,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<W>> + Send + 'static,
+{
+    let mut opened = Vec::with_capacity(n);
     let mut pending = tokio::task::JoinSet::new();
-    for _ in 0..watchers {
+    for _ in 0..n {
         if pending.len() >= CONNECT_CONCURRENCY {
-            streams.push(pending.join_next().await.expect("a task")??);
+            opened.push(pending.join_next().await.expect("a task")??);
         }
-        let addr = addr.to_owned();
-        pending.spawn(async move { open_watcher(&addr).await });
+        pending.spawn(open());
     }
     while let Some(r) = pending.join_next().await {
-        streams.push(r??);
+        opened.push(r??);
     }
-    let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
-    let deadline = tokio::time::Instant::now() + interval.mul_f64(events as f64) + DRAIN;
-    let followers: Vec<_> = streams
-        .into_iter()
-        .map(|tcp| tokio::spawn(follow(tcp, events as usize, deadline)))
-        .collect();
+    Ok(opened)
+}
 
-    let value = format!("\"{}\"", "v".repeat(val_size.saturating_sub(2)));
-    let mut writer = TcpStream::connect(addr).await?;
-    writer.set_nodelay(true)?;
+/// Makes `events` changes at `rate` per second with `put`; answers when each was sent.
+async fn paced<F, Fut>(
+    events: u64,
+    rate: f64,
+    mut put: F,
+) -> anyhow::Result<(Instant, Vec<Instant>)>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
     let started = Instant::now();
     let mut sent = Vec::with_capacity(events as usize);
     for i in 0..events {
-        let due = started + interval.mul_f64(i as f64);
-        tokio::time::sleep_until(due.into()).await;
+        tokio::time::sleep_until((started + interval.mul_f64(i as f64)).into()).await;
         sent.push(Instant::now());
-        put(&mut writer, addr, i, &value).await?;
+        put(i).await?;
     }
-    let sent = Arc::new(sent);
+    Ok((started, sent))
+}
 
+/// When the watchers must have everything: the writer's schedule plus the drain time.
+fn deadline(events: u64, rate: f64) -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs_f64(events as f64 / rate.max(0.001)) + DRAIN
+}
+
+/// Turns what each watcher received into the measurement: the n-th arrival is the
+/// n-th change.
+async fn tally(
+    followers: Vec<tokio::task::JoinHandle<Vec<Instant>>>,
+    started: Instant,
+    sent: &[Instant],
+) -> anyhow::Result<FanOut> {
+    let events = sent.len() as u64;
     let mut result = FanOut {
         delivered: 0,
         missing: 0,
@@ -171,12 +199,12 @@ pub async fn fan_out(
     let mut last_arrival = started;
     for f in followers {
         let arrivals = f.await?;
-        for (n, at) in arrivals.iter().enumerate() {
-            let micros = at.saturating_duration_since(sent[n]).as_micros().max(1) as u64;
+        for (at, sent_at) in arrivals.iter().zip(sent) {
+            let micros = at.saturating_duration_since(*sent_at).as_micros().max(1) as u64;
             let _ = result.latency.record(micros.min(600_000_000));
             last_arrival = last_arrival.max(*at);
         }
-        result.delivered += arrivals.len() as u64;
+        result.delivered += arrivals.len().min(sent.len()) as u64;
         let missing = events.saturating_sub(arrivals.len() as u64);
         if missing > 0 && result.first_error.is_none() {
             result.first_error = Some(format!(
@@ -188,4 +216,87 @@ pub async fn fan_out(
     }
     result.elapsed = last_arrival.duration_since(started);
     Ok(result)
+}
+
+/// Runs the fan-out against Amphora: `watchers` streams, `events` puts at `rate` per
+/// second.
+pub async fn fan_out(addr: &str, spec: Spec) -> anyhow::Result<FanOut> {
+    let owned = addr.to_owned();
+    let streams = open_all(spec.watchers, || {
+        let addr = owned.clone();
+        async move { open_watcher(&addr).await }
+    })
+    .await?;
+    let until = deadline(spec.events, spec.rate);
+    let followers: Vec<_> = streams
+        .into_iter()
+        .map(|tcp| tokio::spawn(follow(tcp, spec.events as usize, until)))
+        .collect();
+    let value = format!("\"{}\"", "v".repeat(spec.val_size.saturating_sub(2)));
+    let writer = TcpStream::connect(addr).await?;
+    writer.set_nodelay(true)?;
+    let writer = Arc::new(tokio::sync::Mutex::new(writer));
+    let (started, sent) = paced(spec.events, spec.rate, |i| {
+        let (writer, value) = (writer.clone(), value.clone());
+        async move { put(&mut *writer.lock().await, addr, i, &value).await }
+    })
+    .await?;
+    tally(followers, started, &sent).await
+}
+
+/// The same fan-out against etcd over gRPC: each watcher its own client connection
+/// and watch stream on the prefix (as each Amphora watcher is its own connection),
+/// one writer putting under the prefix.
+#[cfg(feature = "etcd")]
+pub async fn fan_out_etcd(addr: &str, spec: Spec) -> anyhow::Result<FanOut> {
+    use etcd_client::{Client, WatchOptions};
+    const PREFIX: &str = "watched/";
+    let endpoint = format!("http://{addr}");
+    let streams = open_all(spec.watchers, || {
+        let endpoint = endpoint.clone();
+        async move {
+            let mut client = Client::connect([endpoint], None).await?;
+            let mut stream = client
+                .watch(PREFIX, Some(WatchOptions::new().with_prefix()))
+                .await?;
+            let first = stream.message().await?;
+            anyhow::ensure!(
+                first.is_some_and(|r| r.created()),
+                "etcd did not create the watch"
+            );
+            anyhow::Ok((client, stream))
+        }
+    })
+    .await?;
+    let until = deadline(spec.events, spec.rate);
+    let followers: Vec<_> = streams
+        .into_iter()
+        .map(|(client, mut stream)| {
+            tokio::spawn(async move {
+                let _client = client;
+                let mut arrivals = Vec::with_capacity(spec.events as usize);
+                while arrivals.len() < spec.events as usize {
+                    match tokio::time::timeout_at(until, stream.message()).await {
+                        Ok(Ok(Some(r))) => {
+                            let now = Instant::now();
+                            arrivals.extend(std::iter::repeat_n(now, r.events().len()));
+                        }
+                        _ => break,
+                    }
+                }
+                arrivals
+            })
+        })
+        .collect();
+    let value = "v".repeat(spec.val_size);
+    let writer = Client::connect([endpoint.as_str()], None).await?;
+    let (started, sent) = paced(spec.events, spec.rate, |i| {
+        let (mut w, value) = (writer.clone(), value.clone());
+        async move {
+            w.put(format!("{PREFIX}e{i}"), value, None).await?;
+            anyhow::Ok(())
+        }
+    })
+    .await?;
+    tally(followers, started, &sent).await
 }
