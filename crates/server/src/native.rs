@@ -107,6 +107,12 @@ struct EntryBody<'a> {
     expires_at: Option<String>,
 }
 
+#[derive(Serialize)]
+struct ListBody<'a> {
+    entries: Vec<EntryBody<'a>>,
+    next: Option<String>,
+}
+
 fn entry_body(e: &Entry) -> Result<EntryBody<'_>, ApiError> {
     let value = RawValue::from_string(e.value.clone())
         .map_err(|err| ApiError::Internal(format!("stored value is not JSON: {err}")))?;
@@ -347,7 +353,9 @@ pub async fn list(
     let next = listing
         .next
         .map(|k| hex(k.strip_prefix(prefix).unwrap_or(&k)));
-    Ok(Json(serde_json::json!({"entries": entries, "next": next})).into_response())
+    // Serialized straight from the borrowed bodies: `json!` would first build a
+    // tree of every entry, parsing each stored value again.
+    Ok(Json(ListBody { entries, next }).into_response())
 }
 
 /// `GET /v1/kv/{context}/{family}/{key}/history`: recent changes, deletions included.
