@@ -54,9 +54,15 @@ pub struct ServeOptions {
     #[serde(default, deserialize_with = "duration::opt")]
     pub history_retention: Option<Duration>,
 
-    /// Memory for the store's page cache, in bytes [default: 67108864].
+    /// Memory for the store's page cache and write buffer, in bytes
+    /// [default: 50331648].
     #[arg(long, env = "AMPHORA_STORE_CACHE_BYTES", value_name = "BYTES")]
     pub store_cache_bytes: Option<usize>,
+
+    /// Memory for the entry cache, which answers reads of recently read entries
+    /// without the B-tree (0 turns it off) [default: 50331648].
+    #[arg(long, env = "AMPHORA_ENTRY_CACHE_BYTES", value_name = "BYTES")]
+    pub entry_cache_bytes: Option<usize>,
 
     /// How often the store's B-tree is made durable; between checkpoints the
     /// write-ahead log holds every acknowledged write [default: 50ms].
@@ -190,6 +196,8 @@ pub struct Settings {
     pub max_watchers_per_client: usize,
     /// Store page cache, bytes.
     pub store_cache_bytes: usize,
+    /// Entry cache, bytes.
+    pub entry_cache_bytes: usize,
     /// Checkpoint interval.
     pub checkpoint_interval: Duration,
     /// Log format.
@@ -255,6 +263,7 @@ impl ServeOptions {
                 .max_watchers_per_client
                 .or(lower.max_watchers_per_client),
             store_cache_bytes: self.store_cache_bytes.or(lower.store_cache_bytes),
+            entry_cache_bytes: self.entry_cache_bytes.or(lower.entry_cache_bytes),
             checkpoint_interval: self.checkpoint_interval.or(lower.checkpoint_interval),
             log_format: self.log_format.or(lower.log_format),
             tls_cert: self.tls_cert.or(lower.tls_cert),
@@ -319,7 +328,8 @@ impl ServeOptions {
             max_enumerate: o.max_enumerate.unwrap_or(100_000),
             max_watchers: o.max_watchers.unwrap_or(65_536).max(1),
             max_watchers_per_client: o.max_watchers_per_client.unwrap_or(1024).max(1),
-            store_cache_bytes: o.store_cache_bytes.unwrap_or(64 * 1024 * 1024),
+            store_cache_bytes: o.store_cache_bytes.unwrap_or(48 * 1024 * 1024),
+            entry_cache_bytes: o.entry_cache_bytes.unwrap_or(48 * 1024 * 1024),
             checkpoint_interval: o.checkpoint_interval.unwrap_or(Duration::from_millis(50)),
             log_format: o.log_format.unwrap_or_default(),
             tls,

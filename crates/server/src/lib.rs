@@ -74,6 +74,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             RedbOptions {
                 on_commit: Some(Arc::new(move |info| observer.observe_commit(info))),
                 cache_bytes: settings.store_cache_bytes,
+                entry_cache_bytes: settings.entry_cache_bytes,
                 checkpoint_interval: settings.checkpoint_interval,
                 ..RedbOptions::default()
             },

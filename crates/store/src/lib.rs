@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod cache;
 mod error;
 pub mod redb;
 #[cfg(feature = "testkit")]

@@ -10,7 +10,8 @@
 //! the B-tree durable and empties the log. At start, batches logged after the last
 //! checkpoint are replayed: applying a batch is deterministic given the state and the
 //! batch's clock, both of which the log keeps. Readers open their own MVCC read
-//! transactions and never wait for the writer.
+//! transactions and never wait for a commit; `get` looks in the entry cache
+//! (`cache.rs`) first, which the writer keeps exact around each commit.
 //!
 //! Tables:
 //! - `kv`: key → create revision, mod revision, lease (0 = none), value;
@@ -23,6 +24,7 @@
 //!   `lease_keys`: (lease, key) → ();
 //! - `meta`: "revision", "next_lease", "compacted" → u64.
 
+use crate::cache::EntryCache;
 use crate::wal::{Appender, Wal};
 use crate::{
     CommitInfo, CommitObserver, Condition, Event, EventKind, KeyValue, Lease, LeaseChoice, LeaseId,
@@ -58,6 +60,8 @@ pub struct RedbOptions {
     pub on_commit: Option<CommitObserver>,
     /// Memory for redb's page cache and write buffer.
     pub cache_bytes: usize,
+    /// Memory for the entry cache (recently read entries; 0 turns it off).
+    pub entry_cache_bytes: usize,
     /// The longest time between checkpoints while writes come in.
     pub checkpoint_interval: Duration,
     /// The largest write-ahead log before a checkpoint.
@@ -72,6 +76,7 @@ impl Default for RedbOptions {
             compaction_step: 10_000,
             on_commit: None,
             cache_bytes: 32 * 1024 * 1024,
+            entry_cache_bytes: 16 * 1024 * 1024,
             checkpoint_interval: Duration::from_millis(50),
             checkpoint_bytes: 64 * 1024 * 1024,
         }
@@ -90,6 +95,7 @@ struct Shared {
     events: broadcast::Sender<Event>,
     committed: AtomicU64,
     compacted: AtomicU64,
+    cache: EntryCache,
 }
 
 enum Op {
@@ -268,6 +274,7 @@ impl RedbStore {
             events,
             committed: AtomicU64::new(committed),
             compacted: AtomicU64::new(compacted),
+            cache: EntryCache::new(options.entry_cache_bytes),
         });
         let (wal, records) = Wal::open(&path.with_extension("wal"))
             .map_err(|e| StoreError::Io(format!("opening the write-ahead log: {e}")))?;
@@ -321,6 +328,11 @@ fn unexpected() -> StoreError {
 #[async_trait]
 impl Store for RedbStore {
     async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>> {
+        // The ticket is taken before the read transaction opens: see cache.rs.
+        let ticket = match self.shared.cache.get(key) {
+            Ok(hit) => return Ok(Some(hit)),
+            Err(ticket) => ticket,
+        };
         let txn = self.read()?;
         let kv = txn.open_table(KV).map_err(backend)?;
         let Some(guard) = kv.get(key).map_err(backend)? else {
@@ -333,7 +345,13 @@ impl Store for RedbStore {
                 return Ok(None);
             }
         }
-        Ok(Some(stored.to_key_value(key)))
+        let kv = stored.to_key_value(key);
+        if stored.lease == 0
+            && let Some(ticket) = ticket
+        {
+            self.shared.cache.offer(ticket, &kv);
+        }
+        Ok(Some(kv))
     }
 
     async fn range(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Page> {
@@ -680,6 +698,7 @@ impl Writer {
         if let Some(payload) = log {
             self.wal.start(self.seq, now, payload.to_vec());
         }
+        let first_event = events.len();
         let applied = self.apply_ops(&txn, batch, now, events);
         if log.is_some() {
             match (&applied, self.wal.finish()) {
@@ -696,8 +715,13 @@ impl Writer {
             }
         }
         let (outcomes, compacted) = applied?;
+        // The entry cache drops the changed keys around the commit (see cache.rs).
+        let changed = || events[first_event..].iter().map(|e| e.key.as_slice());
+        self.shared.cache.invalidate(changed());
         // The batch is durable in the log before anyone can see it.
-        if let Err(e) = txn.commit() {
+        let committed = txn.commit();
+        self.shared.cache.invalidate(changed());
+        if let Err(e) = committed {
             self.poisoned = log.is_some();
             return Err(backend(e));
         }

@@ -45,6 +45,103 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         rt.block_on(testkit::model_based(open(&dir), ops));
     }
+
+    /// The same with an entry cache so small that it evicts all the time.
+    #[test]
+    fn redb_with_a_tiny_entry_cache_matches_btreemap_model(ops in testkit::ops()) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let options = RedbOptions { entry_cache_bytes: 256 * 400, ..RedbOptions::default() };
+        let store = RedbStore::open(&dir.path().join("test.redb"), options).unwrap();
+        rt.block_on(testkit::model_based(store, ops));
+    }
+}
+
+/// Reads stay linearizable with the entry cache while commits go on: a read never
+/// answers an older revision than a write acknowledged before it began, nor than
+/// any read that finished before it began.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_never_go_back_while_writes_commit() {
+    use amphora_store::{Condition, Put, Store};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(open(&dir));
+    let keys: Vec<Vec<u8>> = (0..4u8).map(|i| vec![b'k', i]).collect();
+    for k in &keys {
+        store
+            .put(Put::new(k.clone(), b"0".to_vec(), Condition::None))
+            .await
+            .unwrap();
+    }
+    // Per key: the newest acknowledged revision and the newest revision any read answered.
+    let acked: Arc<Vec<AtomicU64>> = Arc::new(keys.iter().map(|_| AtomicU64::new(0)).collect());
+    let seen: Arc<Vec<AtomicU64>> = Arc::new(keys.iter().map(|_| AtomicU64::new(0)).collect());
+    let done = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for r in 0..3 {
+        let (store, keys, acked, seen, done) = (
+            store.clone(),
+            keys.clone(),
+            acked.clone(),
+            seen.clone(),
+            done.clone(),
+        );
+        readers.push(tokio::spawn(async move {
+            let mut reads = 0u64;
+            let mut i = r;
+            while !done.load(Ordering::Acquire) {
+                i = (i + 1) % keys.len();
+                let floor = acked[i]
+                    .load(Ordering::Acquire)
+                    .max(seen[i].load(Ordering::Acquire));
+                let got = store
+                    .get(&keys[i])
+                    .await
+                    .unwrap()
+                    .expect("present")
+                    .mod_revision;
+                assert!(
+                    got >= floor,
+                    "read {got} after {floor} was acknowledged or read"
+                );
+                seen[i].fetch_max(got, Ordering::AcqRel);
+                reads += 1;
+            }
+            reads
+        }));
+    }
+    let writers: Vec<_> = (0..keys.len())
+        .map(|i| {
+            let (store, key, acked) = (store.clone(), keys[i].clone(), acked.clone());
+            tokio::spawn(async move {
+                for n in 0..300u32 {
+                    let value = n.to_string().into_bytes();
+                    let rev = store
+                        .put(Put::new(key.clone(), value, Condition::None))
+                        .await
+                        .unwrap();
+                    acked[i].fetch_max(rev, Ordering::AcqRel);
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    done.store(true, Ordering::Release);
+    for r in readers {
+        assert!(r.await.unwrap() > 0);
+    }
+    // After the writes, every read answers the last one (from the cache or not).
+    for (i, k) in keys.iter().enumerate() {
+        for _ in 0..3 {
+            let kv = store.get(k).await.unwrap().unwrap();
+            assert_eq!(kv.mod_revision, acked[i].load(Ordering::Acquire));
+            assert_eq!(kv.value, b"299");
+        }
+    }
+    store.close().await.unwrap();
 }
 
 /// Acknowledged writes that only the write-ahead log holds (no checkpoint yet) are
