@@ -109,14 +109,15 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(
         o,
         "\n## Settings\n\n{} clients (one connection each, closed loop unless marked open), {} s per \
-         measurement, keys of {} bytes over a key space of {}, values of {} bytes, {} leases, {} \
+         measurement after {} s of the same workload unmeasured, keys of {} bytes over a key space of {}, values of {} bytes, {} leases, {} \
          entries for the memory measurement. Amphora runs with its defaults (embedded redb store; \
          every acknowledged write is in the write-ahead log, one fsync per group commit; \
-         B-tree checkpoints every 50 ms). etcd runs as one member with its defaults; reads use serializable \
+         B-tree checkpoints every 50 ms; page cache and entry cache of 48 MiB each). etcd runs as one member with its defaults; reads use serializable \
          ranges. Redis runs with the append-only file, `appendfsync always` (durable, the fair \
          comparison) and `everysec`.\n",
         s["clients"],
         s["duration_s"],
+        s.get("warmup_s").cloned().unwrap_or(serde_json::json!(0)),
         s["key_size"],
         s["key_space"],
         s["val_size"],

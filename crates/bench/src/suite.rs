@@ -28,6 +28,10 @@ pub struct SuiteArgs {
     /// How long each measurement runs.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
+    /// How long the same workload runs, unmeasured, before each closed-loop
+    /// measurement (caches of every system reach their steady state).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
     /// Distinct keys of put, get, mixed and lease churn.
     #[arg(long, default_value_t = 100_000)]
     pub key_space: u64,
@@ -481,6 +485,11 @@ pub async fn run(a: SuiteArgs) -> anyhow::Result<()> {
                 } else {
                     t.clone()
                 };
+                if !a.warmup.is_zero() {
+                    let c = conns(&t, a.clients).await?;
+                    let amount = Amount::Duration(a.warmup);
+                    workload::run(c, w, t.shape, FAMILIES, amount, Mode::Closed).await;
+                }
                 let peak = measure(
                     &mut rows,
                     &server,
@@ -561,7 +570,8 @@ pub async fn run(a: SuiteArgs) -> anyhow::Result<()> {
 
     let results = Results {
         settings: serde_json::json!({
-            "clients": a.clients, "duration_s": a.duration.as_secs_f64(), "key_space": a.key_space,
+            "clients": a.clients, "duration_s": a.duration.as_secs_f64(),
+            "warmup_s": a.warmup.as_secs_f64(), "key_space": a.key_space,
             "key_size": a.key_size, "val_size": a.val_size, "leases": a.leases,
             "memory_entries": a.memory_entries, "command": a.command,
             "watchers": a.watchers, "watch_events": a.watch_events, "watch_rate": a.watch_rate,
