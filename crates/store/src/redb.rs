@@ -587,7 +587,7 @@ impl Writer {
         } else {
             self.seq += 1;
             let payload = encode_ops(&ops);
-            let applied = self.apply(&ops, now_ms(), &mut events, Some(&payload));
+            let applied = self.apply(&ops, now_ms(), &mut events, Some(payload));
             if applied.is_err() && !self.poisoned {
                 self.seq -= 1;
             }
@@ -688,19 +688,20 @@ impl Writer {
         batch: &[&Op],
         now: u64,
         events: &mut Vec<Event>,
-        log: Option<&[u8]>,
+        log: Option<Vec<u8>>,
     ) -> Result<(Vec<Result<Outcome>>, Option<Revision>)> {
         let mut txn = self.shared.db.begin_write().map_err(backend)?;
         txn.set_durability(redb::Durability::None)
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         // The log append and its fsync run on the log's thread while this one applies
         // the batch: the two costs overlap instead of adding up.
+        let logged = log.is_some();
         if let Some(payload) = log {
-            self.wal.start(self.seq, now, payload.to_vec());
+            self.wal.start(self.seq, now, payload);
         }
         let first_event = events.len();
         let applied = self.apply_ops(&txn, batch, now, events);
-        if log.is_some() {
+        if logged {
             match (&applied, self.wal.finish()) {
                 (Ok(_), Err(e)) => {
                     // Not logged (the log cut its partial record off): abort the batch.
@@ -722,7 +723,7 @@ impl Writer {
         let committed = txn.commit();
         self.shared.cache.invalidate(changed());
         if let Err(e) = committed {
-            self.poisoned = log.is_some();
+            self.poisoned = logged;
             return Err(backend(e));
         }
         Ok((outcomes, compacted))
@@ -822,12 +823,27 @@ impl Writer {
         key: &[u8],
         now: u64,
     ) -> Result<Option<(Revision, Revision, LeaseId, bool)>> {
+        Ok(Self::current_with(t, key, now, |_| ())?.map(|(c, ())| c))
+    }
+
+    /// [`Self::current`], and what `inspect` makes of the stored value, from one
+    /// lookup.
+    #[allow(clippy::type_complexity)]
+    fn current_with<R>(
+        t: &Tables,
+        key: &[u8],
+        now: u64,
+        inspect: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<((Revision, Revision, LeaseId, bool), R)>> {
         let Some(guard) = t.kv.get(key).map_err(backend)? else {
             return Ok(None);
         };
         let s = Stored::decode(guard.value())?;
         let live = s.lease == 0 || lease_live(&t.leases, s.lease, now)?.is_some();
-        Ok(Some((s.create, s.modified, s.lease, live)))
+        Ok(Some((
+            (s.create, s.modified, s.lease, live),
+            inspect(s.value),
+        )))
     }
 
     fn put(
@@ -837,7 +853,16 @@ impl Writer {
         now: u64,
         events: &mut Vec<Event>,
     ) -> Result<Revision> {
-        let current = Self::current(t, &put.key, now)?;
+        // A guard is checked against the value found by the same lookup; its verdict
+        // counts only after the condition's.
+        let (current, guarded) = match Self::current_with(t, &put.key, now, |stored| {
+            put.guard
+                .as_ref()
+                .map(|guard| Self::apply_guard(stored, put, guard))
+        })? {
+            Some((c, g)) => (Some(c), g),
+            None => (None, None),
+        };
         let live = current.filter(|c| c.3);
         let holds = match put.condition {
             Condition::None => true,
@@ -850,17 +875,15 @@ impl Writer {
                 current: live.map(|c| c.1),
             });
         }
-        let guarded;
-        let value = match &put.guard {
-            None => &put.value,
-            Some(guard) => {
-                // Exists, since a guard requires it.
-                if live.is_none() {
-                    return Err(StoreError::Conflict { current: None });
-                }
-                guarded = Self::apply_guard(&Self::stored_value(t, &put.key)?, put, guard)?;
-                &guarded
+        let guarded_value;
+        let value = match (&put.guard, guarded) {
+            (None, _) => &put.value,
+            (Some(_), Some(checked)) if live.is_some() => {
+                guarded_value = checked?;
+                &guarded_value
             }
+            // Exists, since a guard requires it.
+            (Some(_), _) => return Err(StoreError::Conflict { current: None }),
         };
         let lease = match put.lease {
             LeaseChoice::Keep => live.map(|c| c.2).unwrap_or(0),
