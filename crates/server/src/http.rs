@@ -460,7 +460,9 @@ async fn metrics(State(state): State<Shared>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(entries),
+        state
+            .metrics
+            .render(entries, state.service.store().cache_stats()),
     )
         .into_response()
 }

@@ -1,5 +1,6 @@
 //! Prometheus metrics: requests by endpoint and status, latency histograms, group
-//! commit batch sizes and durations, and the number of stored entries.
+//! commit batch sizes and durations, the number of stored entries, the entry
+//! cache's hits, misses and size, token failures and watches.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -38,6 +39,12 @@ pub struct Metrics {
     watchers: Gauge,
     watch_events: Counter,
     watch_lagged: Counter,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    cache_entries: Gauge,
+    cache_bytes: Gauge,
+    /// Serializes renders: the cache counters are brought up to date in each.
+    render_lock: std::sync::Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -108,7 +115,36 @@ impl Metrics {
             "Watch streams ended because their client fell too far behind",
             watch_lagged.clone(),
         );
+        let cache_hits = Counter::default();
+        registry.register(
+            "entry_cache_hits",
+            "Reads answered by the entry cache",
+            cache_hits.clone(),
+        );
+        let cache_misses = Counter::default();
+        registry.register(
+            "entry_cache_misses",
+            "Reads the entry cache could not answer",
+            cache_misses.clone(),
+        );
+        let cache_entries = Gauge::default();
+        registry.register(
+            "entry_cache_entries",
+            "Entries in the entry cache",
+            cache_entries.clone(),
+        );
+        let cache_bytes = Gauge::default();
+        registry.register(
+            "entry_cache_bytes",
+            "Bytes the entry cache holds, counted against --entry-cache-bytes",
+            cache_bytes.clone(),
+        );
         Metrics {
+            cache_hits,
+            cache_misses,
+            cache_entries,
+            cache_bytes,
+            render_lock: std::sync::Mutex::new(()),
             watchers,
             watch_events,
             watch_lagged,
@@ -174,9 +210,17 @@ impl Metrics {
         self.commit_seconds.observe(info.duration.as_secs_f64());
     }
 
-    /// Renders the text exposition format, with the entry count given.
-    pub fn render(&self, entries: u64) -> String {
+    /// Renders the text exposition format, with the entry count and the entry
+    /// cache's figures given.
+    pub fn render(&self, entries: u64, cache: amphora_store::CacheStats) -> String {
+        let _serial = self.render_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.entries.set(entries as i64);
+        self.cache_hits
+            .inc_by(cache.hits.saturating_sub(self.cache_hits.get()));
+        self.cache_misses
+            .inc_by(cache.misses.saturating_sub(self.cache_misses.get()));
+        self.cache_entries.set(cache.entries as i64);
+        self.cache_bytes.set(cache.bytes as i64);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");

@@ -330,12 +330,21 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
         (Some("ready"), Some(1), Some(1))
     );
 
+    // The create looked the key up (a miss), the first read fills the entry cache
+    // (a miss), the next two are answered from it.
+    for _ in 0..3 {
+        assert_eq!(get_json(&c, &s.url("/v1/kv/ctx/f/k"), READ).await.0, 200);
+    }
+
     let text = common::metrics_text(&s).await;
     for needle in [
         "amphora_http_requests_total{endpoint=\"kv_entry\",method=\"PUT\",status=\"201\"} 1",
         "amphora_http_request_duration_seconds_bucket",
         "amphora_store_commit_batch_size_count",
         "amphora_store_entries 1",
+        "amphora_entry_cache_hits_total 2",
+        "amphora_entry_cache_misses_total 2",
+        "amphora_entry_cache_entries 1",
     ] {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
     }

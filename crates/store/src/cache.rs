@@ -23,10 +23,11 @@
 //! shard are dropped (random replacement: as good as LRU on uniform keys, and
 //! nothing to update on a hit, so hits take only the shard's read lock).
 
-use crate::{KeyValue, Revision};
+use crate::{CacheStats, KeyValue, Revision};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const SHARDS: usize = 256;
 /// Bytes counted for one entry beyond its key and value: the map slot (48 bytes,
@@ -58,6 +59,10 @@ struct Shard {
     generation: u64,
     bytes: usize,
     entries: HashMap<Box<[u8]>, Cached>,
+    // Counted under the read lock; one pair per shard keeps readers of different
+    // shards off each other's cache lines.
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 impl Shard {
@@ -100,6 +105,8 @@ impl EntryCache {
                         generation: 0,
                         bytes: 0,
                         entries: HashMap::new(),
+                        hits: AtomicU64::new(0),
+                        misses: AtomicU64::new(0),
                     })
                 })
                 .collect(),
@@ -123,9 +130,13 @@ impl EntryCache {
         let shard = self.shard_of(key);
         let s = self.shards[shard].read().unwrap_or_else(|p| p.into_inner());
         if s.generation % 2 == 1 {
+            s.misses.fetch_add(1, Ordering::Relaxed);
             return Err(None);
         }
-        match s.entries.get(key) {
+        let found = s.entries.get(key);
+        let counter = if found.is_some() { &s.hits } else { &s.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        match found {
             Some(c) => Ok(KeyValue {
                 key: key.to_vec(),
                 value: c.value.to_vec(),
@@ -169,6 +180,19 @@ impl EntryCache {
                 mod_revision: kv.mod_revision,
             },
         );
+    }
+
+    /// What the cache holds and how often it answered.
+    pub(crate) fn stats(&self) -> CacheStats {
+        let mut stats = CacheStats::default();
+        for s in &self.shards {
+            let s = s.read().unwrap_or_else(|p| p.into_inner());
+            stats.hits += s.hits.load(Ordering::Relaxed);
+            stats.misses += s.misses.load(Ordering::Relaxed);
+            stats.entries += s.entries.len() as u64;
+            stats.bytes += s.bytes as u64;
+        }
+        stats
     }
 
     /// Drops `keys` and moves the generation of their shards on: called by the
@@ -224,6 +248,9 @@ mod tests {
         let t = ticket(&cache, b"k");
         cache.offer(t, &kv(b"k", b"v", 7));
         assert_eq!(cache.get(b"k").ok(), Some(kv(b"k", b"v", 7)));
+        let stats = cache.stats();
+        assert_eq!((stats.hits, stats.misses, stats.entries), (1, 1, 1));
+        assert_eq!(stats.bytes as usize, cost(b"k", b"v"));
     }
 
     #[test]

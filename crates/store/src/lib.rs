@@ -168,6 +168,19 @@ pub struct CommitInfo {
     pub duration: Duration,
 }
 
+/// What an engine's read cache holds and how often it answered, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Reads the cache answered.
+    pub hits: u64,
+    /// Reads that went to the engine's own storage (a cache turned off counts none).
+    pub misses: u64,
+    /// Entries held.
+    pub entries: u64,
+    /// Bytes held, as the cache counts them against its budget.
+    pub bytes: u64,
+}
+
 /// A callback told of every commit.
 pub type CommitObserver = Arc<dyn Fn(CommitInfo) + Send + Sync>;
 
@@ -199,6 +212,11 @@ pub trait Store: Send + Sync + 'static {
     /// Changes with a revision at or after `from`, oldest first: the change feed.
     /// [`StoreError::Compacted`] when `from` is older than retention keeps.
     async fn changes(&self, from: Revision, limit: usize) -> Result<Vec<Event>>;
+
+    /// The read cache's figures; engines without one answer the default.
+    fn cache_stats(&self) -> CacheStats {
+        CacheStats::default()
+    }
 
     /// Live changes from now on, as they are committed.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event>;

@@ -441,6 +441,10 @@ impl Store for RedbStore {
         Ok(out)
     }
 
+    fn cache_stats(&self) -> crate::CacheStats {
+        self.shared.cache.stats()
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.shared.events.subscribe()
     }
