@@ -15,6 +15,7 @@ use std::time::Duration;
 
 mod cache;
 mod error;
+mod overlay;
 pub mod redb;
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -6,12 +6,14 @@
 //! the transaction without fsync (`Durability::None`: visible to readers, not yet on
 //! disk), and only then acknowledges each operation and publishes its events. A
 //! checkpoint (a `Durability::Immediate` commit, every `checkpoint_interval` or 64 MiB
-//! of log) makes
-//! the B-tree durable and empties the log. At start, batches logged after the last
-//! checkpoint are replayed: applying a batch is deterministic given the state and the
-//! batch's clock, both of which the log keeps. Readers open their own MVCC read
-//! transactions and never wait for a commit; `get` looks in the entry cache
-//! (`cache.rs`) first, which the writer keeps exact around each commit.
+//! of log) makes the B-tree durable on the checkpoint thread; batches that come in
+//! meanwhile are decided against an overlay (`overlay.rs`) and applied to redb once
+//! it is done, and the log files the checkpoint covers are emptied. At start, batches
+//! logged after the last checkpoint are replayed: applying a batch is deterministic
+//! given the state and the batch's clock, both of which the log keeps. Readers open
+//! their own MVCC read transactions (or read the published overlay) and never wait
+//! for a commit; `get` looks in the entry cache (`cache.rs`) first, which the writer
+//! keeps exact around each commit.
 //!
 //! Tables:
 //! - `kv`: key → create revision, mod revision, lease (0 = none), value;
@@ -25,6 +27,7 @@
 //! - `meta`: "revision", "next_lease", "compacted" → u64.
 
 use crate::cache::EntryCache;
+use crate::overlay::{Overlay, OverlayTables, Tables};
 use crate::wal::{Appender, Wal};
 use crate::{
     CommitInfo, CommitObserver, Condition, Event, EventKind, KeyValue, Lease, LeaseChoice, LeaseId,
@@ -38,10 +41,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-const GRAVES: TableDefinition<&[u8], u64> = TableDefinition::new("graves");
-const LEASES: TableDefinition<u64, (u64, u64)> = TableDefinition::new("leases");
+pub(crate) const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+pub(crate) const GRAVES: TableDefinition<&[u8], u64> = TableDefinition::new("graves");
+pub(crate) const LEASES: TableDefinition<u64, (u64, u64)> = TableDefinition::new("leases");
 const LEASE_EXPIRY: TableDefinition<(u64, u64), ()> = TableDefinition::new("lease_expiry");
 const LEASE_KEYS: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("lease_keys");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -96,6 +99,33 @@ struct Shared {
     committed: AtomicU64,
     compacted: AtomicU64,
     cache: EntryCache,
+    /// The overlay readers must use; odd `overlay_epoch` while one is published, so
+    /// that readers take the lock only then.
+    overlay: std::sync::Mutex<Option<Arc<Overlay>>>,
+    overlay_epoch: AtomicU64,
+    checkpoints: AtomicU64,
+    overlay_batches: AtomicU64,
+}
+
+/// Counts of the engine's checkpoints, for tests and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckpointStats {
+    /// Checkpoints made durable.
+    pub checkpoints: u64,
+    /// Batches decided against an overlay while a checkpoint ran.
+    pub overlay_batches: u64,
+}
+
+impl Shared {
+    fn published(&self) -> std::sync::MutexGuard<'_, Option<Arc<Overlay>>> {
+        // The lock guards one pointer; a poisoned one still holds a whole value.
+        self.overlay.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, overlay: Option<Arc<Overlay>>) {
+        *self.published() = overlay;
+        self.overlay_epoch.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 enum Op {
@@ -107,6 +137,8 @@ enum Op {
     Sweep,
     Compact(u64),
     Shutdown,
+    /// Not logged: the checkpoint thread wakes the writer with it.
+    Wake,
 }
 
 enum Outcome {
@@ -122,7 +154,7 @@ struct Pending {
     reply: oneshot::Sender<Result<Outcome>>,
 }
 
-fn backend(e: impl Into<redb::Error>) -> StoreError {
+pub(crate) fn backend(e: impl Into<redb::Error>) -> StoreError {
     match e.into() {
         redb::Error::Corrupted(m) => StoreError::Corrupted(m),
         redb::Error::Io(io) => StoreError::Io(io.to_string()),
@@ -131,15 +163,15 @@ fn backend(e: impl Into<redb::Error>) -> StoreError {
 }
 
 /// The `kv` table's value: create revision, mod revision, lease, then the value.
-struct Stored<'a> {
-    create: Revision,
-    modified: Revision,
-    lease: LeaseId,
-    value: &'a [u8],
+pub(crate) struct Stored<'a> {
+    pub(crate) create: Revision,
+    pub(crate) modified: Revision,
+    pub(crate) lease: LeaseId,
+    pub(crate) value: &'a [u8],
 }
 
 impl<'a> Stored<'a> {
-    fn decode(bytes: &'a [u8]) -> Result<Self> {
+    pub(crate) fn decode(bytes: &'a [u8]) -> Result<Self> {
         if bytes.len() < 24 {
             return Err(StoreError::Corrupted(
                 "kv record shorter than 24 bytes".into(),
@@ -163,7 +195,7 @@ impl<'a> Stored<'a> {
         out
     }
 
-    fn to_key_value(&self, key: &[u8]) -> KeyValue {
+    pub(crate) fn to_key_value(&self, key: &[u8]) -> KeyValue {
         KeyValue {
             key: key.to_vec(),
             value: self.value.to_vec(),
@@ -191,7 +223,7 @@ fn encode_event(kind: EventKind, at_ms: u64, prev: Revision, key: &[u8], value: 
 }
 
 /// Decodes a log event; answers it with the revision of the key's previous event.
-fn decode_event(revision: Revision, bytes: &[u8]) -> Result<(Event, Revision)> {
+pub(crate) fn decode_event(revision: Revision, bytes: &[u8]) -> Result<(Event, Revision)> {
     let bad = || StoreError::Corrupted(format!("log record {revision} is malformed"));
     if bytes.len() < 21 {
         return Err(bad());
@@ -215,7 +247,26 @@ fn decode_event(revision: Revision, bytes: &[u8]) -> Result<(Event, Revision)> {
     Ok((event, prev))
 }
 
-fn lease_live(
+/// Walks a key's history back from its newest event; `lookup` finds an event and
+/// the revision of the one before it, or nothing where compaction took it (the
+/// history ends there).
+pub(crate) fn follow_history(
+    mut revision: Revision,
+    limit: usize,
+    mut lookup: impl FnMut(Revision) -> Result<Option<(Event, Revision)>>,
+) -> Result<Vec<Event>> {
+    let mut out = Vec::new();
+    while revision != 0 && out.len() < limit {
+        let Some((event, prev)) = lookup(revision)? else {
+            break;
+        };
+        out.push(event);
+        revision = prev;
+    }
+    Ok(out)
+}
+
+pub(crate) fn lease_live(
     leases: &impl ReadableTable<u64, (u64, u64)>,
     id: LeaseId,
     now: u64,
@@ -275,6 +326,10 @@ impl RedbStore {
             committed: AtomicU64::new(committed),
             compacted: AtomicU64::new(compacted),
             cache: EntryCache::new(options.entry_cache_bytes),
+            overlay: std::sync::Mutex::new(None),
+            overlay_epoch: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
+            overlay_batches: AtomicU64::new(0),
         });
         let (wal, records) = Wal::open(&path.with_extension("wal"))
             .map_err(|e| StoreError::Io(format!("opening the write-ahead log: {e}")))?;
@@ -289,6 +344,9 @@ impl RedbStore {
             seq: batch_seq,
             last_checkpoint: Instant::now(),
             poisoned: false,
+            checkpointer: Checkpointer::spawn(shared.clone())?,
+            wake: queue.downgrade(),
+            overlay: None,
         };
         writer.replay(records)?;
         let handle = std::thread::Builder::new()
@@ -319,6 +377,28 @@ impl RedbStore {
     fn read(&self) -> Result<redb::ReadTransaction> {
         self.shared.db.begin_read().map_err(backend)
     }
+
+    /// How many checkpoints and overlay batches there were since the store opened.
+    pub fn checkpoint_stats(&self) -> CheckpointStats {
+        CheckpointStats {
+            checkpoints: self.shared.checkpoints.load(Ordering::Relaxed),
+            overlay_batches: self.shared.overlay_batches.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The published overlay, if a checkpoint is running (or its changes are not
+    /// in redb yet).
+    fn overlay(&self) -> Option<Arc<Overlay>> {
+        if self
+            .shared
+            .overlay_epoch
+            .load(Ordering::Acquire)
+            .is_multiple_of(2)
+        {
+            return None;
+        }
+        self.shared.published().clone()
+    }
 }
 
 fn unexpected() -> StoreError {
@@ -333,6 +413,11 @@ impl Store for RedbStore {
             Ok(hit) => return Ok(Some(hit)),
             Err(ticket) => ticket,
         };
+        // Taken after the ticket: see overlay.rs. What an overlay answers is not
+        // cached (the writer keeps the cache exact only for what redb holds).
+        if let Some(overlay) = self.overlay() {
+            return overlay.get(key, now_ms());
+        }
         let txn = self.read()?;
         let kv = txn.open_table(KV).map_err(backend)?;
         let Some(guard) = kv.get(key).map_err(backend)? else {
@@ -355,6 +440,9 @@ impl Store for RedbStore {
     }
 
     async fn range(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Page> {
+        if let Some(overlay) = self.overlay() {
+            return overlay.range(prefix, after, limit, now_ms());
+        }
         let txn = self.read()?;
         let kv = txn.open_table(KV).map_err(backend)?;
         let leases = txn.open_table(LEASES).map_err(backend)?;
@@ -400,12 +488,15 @@ impl Store for RedbStore {
     }
 
     async fn history(&self, key: &[u8], limit: usize) -> Result<Vec<Event>> {
+        if let Some(overlay) = self.overlay() {
+            return overlay.history(key, limit);
+        }
         let txn = self.read()?;
         let kv = txn.open_table(KV).map_err(backend)?;
         let graves = txn.open_table(GRAVES).map_err(backend)?;
         let log = txn.open_table(LOG).map_err(backend)?;
         // The newest event: the entry's last change, or its deletion.
-        let mut revision = match kv.get(key).map_err(backend)? {
+        let newest = match kv.get(key).map_err(backend)? {
             Some(g) => Stored::decode(g.value())?.modified,
             None => graves
                 .get(key)
@@ -413,23 +504,21 @@ impl Store for RedbStore {
                 .map(|g| g.value())
                 .unwrap_or(0),
         };
-        let mut out = Vec::new();
-        while revision != 0 && out.len() < limit {
-            // A missing revision has been compacted away: the history ends there.
-            let Some(bytes) = log.get(revision).map_err(backend)? else {
-                break;
-            };
-            let (event, prev) = decode_event(revision, bytes.value())?;
-            out.push(event);
-            revision = prev;
-        }
-        Ok(out)
+        follow_history(newest, limit, |revision| {
+            match log.get(revision).map_err(backend)? {
+                Some(bytes) => decode_event(revision, bytes.value()).map(Some),
+                None => Ok(None),
+            }
+        })
     }
 
     async fn changes(&self, from: Revision, limit: usize) -> Result<Vec<Event>> {
         let compacted = self.shared.compacted.load(Ordering::Acquire);
         if from <= compacted && compacted > 0 {
             return Err(StoreError::Compacted { compacted });
+        }
+        if let Some(overlay) = self.overlay() {
+            return overlay.changes_from(from, limit);
         }
         let txn = self.read()?;
         let log = txn.open_table(LOG).map_err(backend)?;
@@ -454,6 +543,9 @@ impl Store for RedbStore {
     }
 
     async fn entry_count(&self) -> Result<u64> {
+        if let Some(overlay) = self.overlay() {
+            return Ok(overlay.entry_count());
+        }
         let txn = self.read()?;
         let kv = txn.open_table(KV).map_err(backend)?;
         kv.len().map_err(backend)
@@ -531,16 +623,191 @@ struct Writer {
     /// Set when a batch was logged but its commit failed: memory and log disagree,
     /// so no further write is accepted until a restart replays the log.
     poisoned: bool,
+    checkpointer: Checkpointer,
+    wake: mpsc::WeakSender<Pending>,
+    /// While a checkpoint runs (and until its changes are in redb): the overlay
+    /// batches are decided against and merged into (see overlay.rs).
+    overlay: Option<Arc<Overlay>>,
+}
+
+/// The thread that makes checkpoints durable while the writer goes on.
+struct Checkpointer {
+    /// The batch sequence number to checkpoint, and a way to wake the writer.
+    jobs: Option<std::sync::mpsc::Sender<(u64, mpsc::WeakSender<Pending>)>>,
+    done: std::sync::mpsc::Receiver<Result<()>>,
+    /// The sequence number of the running checkpoint.
+    seq: u64,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn spawn(shared: Arc<Shared>) -> Result<Checkpointer> {
+        let (jobs, job_rx) = std::sync::mpsc::channel::<(u64, mpsc::WeakSender<Pending>)>();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("amphora-checkpoint".into())
+            .spawn(move || {
+                for (seq, wake) in job_rx {
+                    if done_tx.send(durable_commit(&shared.db, seq)).is_err() {
+                        break;
+                    }
+                    // Wake the writer if it waits for work, so it retires the
+                    // overlay now; a full queue means it is busy and will look.
+                    if let Some(queue) = wake.upgrade() {
+                        let (reply, _) = oneshot::channel();
+                        let _ = queue.try_send(Pending {
+                            op: Op::Wake,
+                            reply,
+                        });
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Io(format!("starting the checkpoint thread: {e}")))?;
+        Ok(Checkpointer {
+            jobs: Some(jobs),
+            done,
+            seq: 0,
+            thread: Some(thread),
+        })
+    }
+
+    fn start(&mut self, seq: u64, wake: mpsc::WeakSender<Pending>) -> Result<()> {
+        self.jobs
+            .as_ref()
+            .and_then(|jobs| jobs.send((seq, wake)).ok())
+            .ok_or_else(|| StoreError::Unavailable("the checkpoint thread is gone".into()))?;
+        self.seq = seq;
+        Ok(())
+    }
+
+    /// Ends the thread (it holds the database open).
+    fn stop(&mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Makes every committed batch durable in the B-tree: a commit that records the
+/// last logged batch and, with redb's default durability, flushes every buffered
+/// page and fsyncs.
+fn durable_commit(db: &Database, seq: u64) -> Result<()> {
+    let txn = db.begin_write().map_err(backend)?;
+    {
+        let mut meta = txn.open_table(META).map_err(backend)?;
+        meta.insert("batch_seq", seq).map_err(backend)?;
+    }
+    txn.commit().map_err(backend)
 }
 
 /// Tables of the current write transaction.
-struct Tables<'t> {
+struct RedbTables<'t> {
     kv: redb::Table<'t, &'static [u8], &'static [u8]>,
     log: redb::Table<'t, u64, &'static [u8]>,
     graves: redb::Table<'t, &'static [u8], u64>,
     leases: redb::Table<'t, u64, (u64, u64)>,
     lease_expiry: redb::Table<'t, (u64, u64), ()>,
     lease_keys: redb::Table<'t, (u64, &'static [u8]), ()>,
+}
+
+impl<'t> RedbTables<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Self> {
+        Ok(RedbTables {
+            kv: txn.open_table(KV).map_err(backend)?,
+            log: txn.open_table(LOG).map_err(backend)?,
+            graves: txn.open_table(GRAVES).map_err(backend)?,
+            leases: txn.open_table(LEASES).map_err(backend)?,
+            lease_expiry: txn.open_table(LEASE_EXPIRY).map_err(backend)?,
+            lease_keys: txn.open_table(LEASE_KEYS).map_err(backend)?,
+        })
+    }
+
+    /// Applies an overlay's changes.
+    fn apply(&mut self, changes: &crate::overlay::Changes) -> Result<()> {
+        for (key, record) in &changes.kv {
+            match record {
+                Some(r) => self.kv.insert(key.as_slice(), r.as_slice()).map(|_| ()),
+                None => self.kv.remove(key.as_slice()).map(|_| ()),
+            }
+            .map_err(backend)?;
+        }
+        for (revision, event) in &changes.log {
+            self.log
+                .insert(revision, event.as_slice())
+                .map_err(backend)?;
+        }
+        for (key, grave) in &changes.graves {
+            match grave {
+                Some(r) => self.graves.insert(key.as_slice(), r).map(|_| ()),
+                None => self.graves.remove(key.as_slice()).map(|_| ()),
+            }
+            .map_err(backend)?;
+        }
+        for (lease, key, attach) in &changes.lease_keys {
+            self.lease_key(*lease, key, *attach)?;
+        }
+        Ok(())
+    }
+}
+
+impl Tables for RedbTables<'_> {
+    fn kv_with<R>(&self, key: &[u8], f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
+        Ok(self.kv.get(key).map_err(backend)?.map(|g| f(g.value())))
+    }
+
+    fn kv_insert(&mut self, key: &[u8], record: Vec<u8>, _existed: bool) -> Result<()> {
+        self.kv.insert(key, record.as_slice()).map_err(backend)?;
+        Ok(())
+    }
+
+    fn kv_remove(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.kv.remove(key).map_err(backend)? {
+            Some(guard) => Ok(Some(Stored::decode(guard.value())?.value.to_vec())),
+            None => Ok(None),
+        }
+    }
+
+    fn log_insert(&mut self, revision: Revision, event: Vec<u8>) -> Result<()> {
+        self.log
+            .insert(revision, event.as_slice())
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn grave_insert(&mut self, key: &[u8], revision: Revision) -> Result<()> {
+        self.graves.insert(key, revision).map_err(backend)?;
+        Ok(())
+    }
+
+    fn grave_remove(&mut self, key: &[u8]) -> Result<Option<Revision>> {
+        Ok(self.graves.remove(key).map_err(backend)?.map(|g| g.value()))
+    }
+
+    fn lease_live(&self, id: LeaseId, now: u64) -> Result<Option<Lease>> {
+        lease_live(&self.leases, id, now)
+    }
+
+    fn lease_key(&mut self, lease: LeaseId, key: &[u8], attach: bool) -> Result<()> {
+        if attach {
+            self.lease_keys.insert((lease, key), ()).map_err(backend)?;
+        } else {
+            self.lease_keys.remove((lease, key)).map_err(backend)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a decided batch waits for its log record to be durable.
+enum Staged<'o> {
+    Redb(Box<redb::WriteTransaction>),
+    Overlay(&'o Overlay, crate::overlay::Changes),
+}
+
+/// Only puts and deletes are decided against an overlay; anything else waits for
+/// the checkpoint (see overlay.rs).
+fn overlay_can_take(op: &Op) -> bool {
+    matches!(op, Op::Put(_) | Op::Delete(..) | Op::Shutdown)
 }
 
 impl Writer {
@@ -557,6 +824,11 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            batch.retain(|p| !matches!(p.op, Op::Wake));
+            self.settle_checkpoint(false);
+            if batch.is_empty() {
+                continue;
+            }
             if let Some(pos) = batch.iter().position(|p| matches!(p.op, Op::Shutdown)) {
                 // Later operations in this batch were sent after close began: refuse them.
                 stopping = true;
@@ -568,9 +840,11 @@ impl Writer {
             }
             self.commit_batch(batch);
         }
+        self.settle_checkpoint(true);
         if let Err(e) = self.checkpoint() {
             tracing::error!(error = %e, "final checkpoint failed; the write-ahead log keeps every write");
         }
+        self.checkpointer.stop();
         rx.close();
         while let Ok(late) = rx.try_recv() {
             let _ = late
@@ -584,6 +858,12 @@ impl Writer {
         let before = (self.revision, self.next_lease);
         let mut events = Vec::new();
         let ops: Vec<&Op> = batch.iter().map(|p| &p.op).collect();
+        if let Some(overlay) = &self.overlay
+            && (!ops.iter().all(|op| overlay_can_take(op))
+                || overlay.bytes() as u64 >= self.options.checkpoint_bytes)
+        {
+            self.settle_checkpoint(true);
+        }
         let applied = if self.poisoned {
             Err(StoreError::Unavailable(
                 "the store failed after logging a batch; restart to recover from the write-ahead log".into(),
@@ -633,24 +913,91 @@ impl Writer {
             || (self.wal.len() > 0
                 && self.last_checkpoint.elapsed() >= self.options.checkpoint_interval);
         if due
+            && self.overlay.is_none()
             && !self.poisoned
-            && let Err(e) = self.checkpoint()
+            && let Err(e) = self.start_checkpoint()
         {
-            tracing::error!(error = %e, "checkpoint failed; the write-ahead log keeps every write");
+            tracing::error!(error = %e, "starting a checkpoint failed; the write-ahead log keeps every write");
         }
     }
 
-    /// Makes every committed batch durable in the B-tree, then empties the log.
-    fn checkpoint(&mut self) -> Result<()> {
-        let txn = self.shared.db.begin_write().map_err(backend)?;
-        {
-            let mut meta = txn.open_table(META).map_err(backend)?;
-            meta.insert("batch_seq", self.seq).map_err(backend)?;
-        }
-        // Immediate is redb's default: this commit flushes every buffered page and fsyncs.
-        txn.commit().map_err(backend)?;
+    /// Starts a checkpoint on its thread and publishes an overlay for the batches
+    /// that come in while it runs.
+    fn start_checkpoint(&mut self) -> Result<()> {
+        let overlay = Arc::new(Overlay::new(&self.read_base()?)?);
         self.wal
-            .reset()
+            .switch()
+            .map_err(|e| StoreError::Io(format!("switching the write-ahead log: {e}")))?;
+        self.checkpointer.start(self.seq, self.wake.clone())?;
+        self.shared.publish(Some(overlay.clone()));
+        self.overlay = Some(overlay);
+        Ok(())
+    }
+
+    fn read_base(&self) -> Result<redb::ReadTransaction> {
+        self.shared.db.begin_read().map_err(backend)
+    }
+
+    /// If a checkpoint runs and is done (or, with `wait`, once it is): lets the log
+    /// go of what it made durable, commits the overlay's changes to redb and
+    /// retires the overlay.
+    fn settle_checkpoint(&mut self, wait: bool) {
+        let Some(overlay) = self.overlay.clone() else {
+            return;
+        };
+        let done = if wait {
+            self.checkpointer.done.recv().ok()
+        } else {
+            match self.checkpointer.done.try_recv() {
+                Ok(result) => Some(result),
+                Err(std::sync::mpsc::TryRecvError::Empty) => return,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+            }
+        };
+        match done {
+            Some(Ok(())) => {
+                self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = self.wal.release(self.checkpointer.seq) {
+                    tracing::warn!(error = %e, "the write-ahead log could not be emptied");
+                }
+                self.last_checkpoint = Instant::now();
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "checkpoint failed; the write-ahead log keeps every write");
+            }
+            None => tracing::error!("the checkpoint thread is gone"),
+        }
+        self.overlay = None;
+        let committed = (|| {
+            let mut txn = self.shared.db.begin_write().map_err(backend)?;
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            RedbTables::open(&txn)?
+                .apply(&overlay.changes.read().unwrap_or_else(|e| e.into_inner()))?;
+            self.write_meta(&txn, None)?;
+            txn.commit().map_err(backend)
+        })();
+        match committed {
+            // Readers that still hold the overlay see the same state redb now has.
+            Ok(()) => self.shared.publish(None),
+            Err(e) => {
+                // Readers keep the overlay, which the log backs; writes stop.
+                tracing::error!(error = %e, "applying the overlay failed; restart to recover from the write-ahead log");
+                self.poisoned = true;
+            }
+        }
+    }
+
+    /// Makes every committed batch durable in the B-tree, then empties the log, here
+    /// and now (at open and at close, with no overlay published).
+    fn checkpoint(&mut self) -> Result<()> {
+        self.wal
+            .switch()
+            .map_err(|e| StoreError::Io(format!("switching the write-ahead log: {e}")))?;
+        durable_commit(&self.shared.db, self.seq)?;
+        self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.wal
+            .release_now(self.seq)
             .map_err(|e| StoreError::Io(format!("emptying the write-ahead log: {e}")))?;
         self.last_checkpoint = Instant::now();
         Ok(())
@@ -683,9 +1030,10 @@ impl Writer {
         Ok(())
     }
 
-    /// Applies a batch in one transaction and commits it. The outer error fails the
-    /// whole batch (nothing was committed); inner errors belong to single operations
-    /// that changed nothing.
+    /// Decides a batch against redb (a write transaction) or the overlay, waits for
+    /// its log record, and publishes it. The outer error fails the whole batch
+    /// (nothing was published); inner errors belong to single operations that
+    /// changed nothing.
     #[allow(clippy::type_complexity)]
     fn apply(
         &mut self,
@@ -694,17 +1042,38 @@ impl Writer {
         events: &mut Vec<Event>,
         log: Option<Vec<u8>>,
     ) -> Result<(Vec<Result<Outcome>>, Option<Revision>)> {
-        let mut txn = self.shared.db.begin_write().map_err(backend)?;
-        txn.set_durability(redb::Durability::None)
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        // The log append and its fsync run on the log's thread while this one applies
+        let overlay = self.overlay.clone();
+        let txn = match &overlay {
+            Some(_) => None,
+            None => {
+                let mut txn = self.shared.db.begin_write().map_err(backend)?;
+                txn.set_durability(redb::Durability::None)
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                Some(txn)
+            }
+        };
+        // The log append and its fsync run on the log's thread while this one decides
         // the batch: the two costs overlap instead of adding up.
         let logged = log.is_some();
         if let Some(payload) = log {
             self.wal.start(self.seq, now, payload);
         }
         let first_event = events.len();
-        let applied = self.apply_ops(&txn, batch, now, events);
+        let applied = match (txn, &overlay) {
+            (Some(txn), _) => self
+                .apply_ops(&txn, batch, now, events)
+                .map(|(outcomes, compacted)| (outcomes, compacted, Staged::Redb(Box::new(txn)))),
+            (None, Some(overlay)) => {
+                let mut t = OverlayTables::new(overlay);
+                self.run_ops(&mut t, batch, now, events, |_, _, _, _| {
+                    Err(StoreError::Unavailable(
+                        "a barrier operation reached the overlay".into(),
+                    ))
+                })
+                .map(|outcomes| (outcomes, None, Staged::Overlay(overlay, t.batch)))
+            }
+            (None, None) => unreachable!("a transaction is opened when there is no overlay"),
+        };
         if logged {
             match (&applied, self.wal.finish()) {
                 (Ok(_), Err(e)) => {
@@ -719,18 +1088,54 @@ impl Writer {
                 _ => {}
             }
         }
-        let (outcomes, compacted) = applied?;
-        // The entry cache drops the changed keys around the commit (see cache.rs).
+        let (outcomes, compacted, staged) = applied?;
+        // The entry cache drops the changed keys around the publication (see
+        // cache.rs). The batch is durable in the log before anyone can see it.
         let changed = || events[first_event..].iter().map(|e| e.key.as_slice());
         self.shared.cache.invalidate(changed());
-        // The batch is durable in the log before anyone can see it.
-        let committed = txn.commit();
+        let published = match staged {
+            Staged::Redb(txn) => txn.commit().map_err(backend),
+            Staged::Overlay(overlay, changes) => {
+                overlay.merge(changes);
+                self.shared.overlay_batches.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        };
         self.shared.cache.invalidate(changed());
-        if let Err(e) = committed {
+        if let Err(e) = published {
             self.poisoned = logged;
-            return Err(backend(e));
+            return Err(e);
         }
         Ok((outcomes, compacted))
+    }
+
+    /// Decides `batch`'s puts and deletes against `t`; `other` runs the rest.
+    fn run_ops<T: Tables>(
+        &mut self,
+        t: &mut T,
+        batch: &[&Op],
+        now: u64,
+        events: &mut Vec<Event>,
+        mut other: impl FnMut(&mut Self, &mut T, &Op, &mut Vec<Event>) -> Result<Outcome>,
+    ) -> Result<Vec<Result<Outcome>>> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for op in batch {
+            let outcome = match op {
+                Op::Put(put) => self.put(t, put, now, events).map(Outcome::Revision),
+                Op::Delete(key, cond) => self
+                    .delete(t, key, *cond, now, events)
+                    .map(Outcome::Deleted),
+                Op::Shutdown | Op::Wake => Ok(Outcome::Done),
+                other_op => other(self, t, other_op, events),
+            };
+            match outcome {
+                Err(
+                    e @ (StoreError::Io(_) | StoreError::Corrupted(_) | StoreError::Unavailable(_)),
+                ) => return Err(e),
+                other => outcomes.push(other),
+            }
+        }
+        Ok(outcomes)
     }
 
     #[allow(clippy::type_complexity)]
@@ -741,58 +1146,43 @@ impl Writer {
         now: u64,
         events: &mut Vec<Event>,
     ) -> Result<(Vec<Result<Outcome>>, Option<Revision>)> {
-        let mut outcomes = Vec::with_capacity(batch.len());
         let mut compacted = None;
-        {
-            let mut t = Tables {
-                kv: txn.open_table(KV).map_err(backend)?,
-                log: txn.open_table(LOG).map_err(backend)?,
-                graves: txn.open_table(GRAVES).map_err(backend)?,
-                leases: txn.open_table(LEASES).map_err(backend)?,
-                lease_expiry: txn.open_table(LEASE_EXPIRY).map_err(backend)?,
-                lease_keys: txn.open_table(LEASE_KEYS).map_err(backend)?,
-            };
-            for op in batch {
-                let outcome = match op {
-                    Op::Put(put) => self.put(&mut t, put, now, events).map(Outcome::Revision),
-                    Op::Delete(key, cond) => self
-                        .delete(&mut t, key, *cond, now, events)
-                        .map(Outcome::Deleted),
-                    Op::Grant(ttl) => self.grant(&mut t, *ttl, now).map(Outcome::Lease),
-                    Op::KeepAlive(id) => Self::keep_alive(&mut t, *id, now).map(Outcome::Lease),
-                    Op::Revoke(id) => self.revoke(&mut t, *id, now, events).map(|_| Outcome::Done),
-                    Op::Sweep => self.sweep(&mut t, now, events).map(Outcome::Count),
-                    Op::Compact(before) => self.compact(&mut t, *before).map(|(n, c)| {
-                        compacted = c.or(compacted);
-                        Outcome::Count(n)
-                    }),
-                    Op::Shutdown => Ok(Outcome::Done),
-                };
-                match outcome {
-                    Err(
-                        e @ (StoreError::Io(_)
-                        | StoreError::Corrupted(_)
-                        | StoreError::Unavailable(_)),
-                    ) => return Err(e),
-                    other => outcomes.push(other),
+        let outcomes = {
+            let mut t = RedbTables::open(txn)?;
+            self.run_ops(&mut t, batch, now, events, |w, t, op, events| match op {
+                Op::Grant(ttl) => w.grant(t, *ttl, now).map(Outcome::Lease),
+                Op::KeepAlive(id) => Self::keep_alive(t, *id, now).map(Outcome::Lease),
+                Op::Revoke(id) => w.revoke(t, *id, now, events).map(|_| Outcome::Done),
+                Op::Sweep => w.sweep(t, now, events).map(Outcome::Count),
+                Op::Compact(before) => w.compact(t, *before).map(|(n, c)| {
+                    compacted = c.or(compacted);
+                    Outcome::Count(n)
+                }),
+                Op::Put(_) | Op::Delete(..) | Op::Shutdown | Op::Wake => {
+                    unreachable!("run_ops decides these")
                 }
-            }
-            let mut meta = txn.open_table(META).map_err(backend)?;
-            meta.insert("revision", self.revision).map_err(backend)?;
-            meta.insert("next_lease", self.next_lease)
-                .map_err(backend)?;
-            if let Some(c) = compacted {
-                meta.insert("compacted", c).map_err(backend)?;
-            }
-            meta.insert("batch_seq", self.seq).map_err(backend)?;
-        }
+            })?
+        };
+        self.write_meta(txn, compacted)?;
         Ok((outcomes, compacted))
     }
 
+    fn write_meta(&self, txn: &redb::WriteTransaction, compacted: Option<Revision>) -> Result<()> {
+        let mut meta = txn.open_table(META).map_err(backend)?;
+        meta.insert("revision", self.revision).map_err(backend)?;
+        meta.insert("next_lease", self.next_lease)
+            .map_err(backend)?;
+        if let Some(c) = compacted {
+            meta.insert("compacted", c).map_err(backend)?;
+        }
+        meta.insert("batch_seq", self.seq).map_err(backend)?;
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
-    fn record(
+    fn record<T: Tables>(
         &mut self,
-        t: &mut Tables,
+        t: &mut T,
         kind: EventKind,
         key: &[u8],
         value: &[u8],
@@ -802,14 +1192,9 @@ impl Writer {
     ) -> Result<Revision> {
         self.revision += 1;
         let revision = self.revision;
-        t.log
-            .insert(
-                revision,
-                encode_event(kind, now, prev, key, value).as_slice(),
-            )
-            .map_err(backend)?;
+        t.log_insert(revision, encode_event(kind, now, prev, key, value))?;
         if kind == EventKind::Delete {
-            t.graves.insert(key, revision).map_err(backend)?;
+            t.grave_insert(key, revision)?;
         }
         events.push(Event {
             revision,
@@ -822,8 +1207,8 @@ impl Writer {
     }
 
     /// The entry under `key` as stored (live or not) and whether it is live.
-    fn current(
-        t: &Tables,
+    fn current<T: Tables>(
+        t: &T,
         key: &[u8],
         now: u64,
     ) -> Result<Option<(Revision, Revision, LeaseId, bool)>> {
@@ -833,26 +1218,25 @@ impl Writer {
     /// [`Self::current`], and what `inspect` makes of the stored value, from one
     /// lookup.
     #[allow(clippy::type_complexity)]
-    fn current_with<R>(
-        t: &Tables,
+    fn current_with<T: Tables, R>(
+        t: &T,
         key: &[u8],
         now: u64,
         inspect: impl FnOnce(&[u8]) -> R,
     ) -> Result<Option<((Revision, Revision, LeaseId, bool), R)>> {
-        let Some(guard) = t.kv.get(key).map_err(backend)? else {
+        let found = t.kv_with(key, |record| {
+            Stored::decode(record).map(|s| ((s.create, s.modified, s.lease), inspect(s.value)))
+        })?;
+        let Some(((create, modified, lease), inspected)) = found.transpose()? else {
             return Ok(None);
         };
-        let s = Stored::decode(guard.value())?;
-        let live = s.lease == 0 || lease_live(&t.leases, s.lease, now)?.is_some();
-        Ok(Some((
-            (s.create, s.modified, s.lease, live),
-            inspect(s.value),
-        )))
+        let live = lease == 0 || t.lease_live(lease, now)?.is_some();
+        Ok(Some(((create, modified, lease, live), inspected)))
     }
 
-    fn put(
+    fn put<T: Tables>(
         &mut self,
-        t: &mut Tables,
+        t: &mut T,
         put: &Put,
         now: u64,
         events: &mut Vec<Event>,
@@ -893,7 +1277,8 @@ impl Writer {
             LeaseChoice::Keep => live.map(|c| c.2).unwrap_or(0),
             LeaseChoice::Clear => 0,
             LeaseChoice::Set(id) => {
-                lease_live(&t.leases, id, now)?.ok_or(StoreError::LeaseNotFound(id))?;
+                t.lease_live(id, now)?
+                    .ok_or(StoreError::LeaseNotFound(id))?;
                 id
             }
         };
@@ -906,35 +1291,31 @@ impl Writer {
                 prev = self.record(t, EventKind::Delete, &put.key, &last, prev, now, events)?;
             }
             if old_lease != 0 && old_lease != lease {
-                t.lease_keys
-                    .remove((old_lease, put.key.as_slice()))
-                    .map_err(backend)?;
+                t.lease_key(old_lease, &put.key, false)?;
             }
         }
         if live.is_none() {
             // A new incarnation: its history goes on from the deletion of the last one.
-            if let Some(grave) = t.graves.remove(put.key.as_slice()).map_err(backend)? {
-                prev = grave.value();
+            if let Some(grave) = t.grave_remove(&put.key)? {
+                prev = grave;
             }
         }
         let revision = self.record(t, EventKind::Put, &put.key, value, prev, now, events)?;
         let create = live.map(|c| c.0).unwrap_or(revision);
-        t.kv.insert(
-            put.key.as_slice(),
-            Stored::encode(create, revision, lease, value).as_slice(),
-        )
-        .map_err(backend)?;
+        t.kv_insert(
+            &put.key,
+            Stored::encode(create, revision, lease, value),
+            current.is_some(),
+        )?;
         if lease != 0 {
-            t.lease_keys
-                .insert((lease, put.key.as_slice()), ())
-                .map_err(backend)?;
+            t.lease_key(lease, &put.key, true)?;
         }
         Ok(revision)
     }
 
-    fn delete(
+    fn delete<T: Tables>(
         &mut self,
-        t: &mut Tables,
+        t: &mut T,
         key: &[u8],
         condition: Condition,
         now: u64,
@@ -960,21 +1341,18 @@ impl Writer {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn remove_key(
+    fn remove_key<T: Tables>(
         &mut self,
-        t: &mut Tables,
+        t: &mut T,
         key: &[u8],
         modified: Revision,
         lease: LeaseId,
         now: u64,
         events: &mut Vec<Event>,
     ) -> Result<Revision> {
-        let last = match t.kv.remove(key).map_err(backend)? {
-            Some(guard) => Stored::decode(guard.value())?.value.to_vec(),
-            None => Vec::new(),
-        };
+        let last = t.kv_remove(key)?.unwrap_or_default();
         if lease != 0 {
-            t.lease_keys.remove((lease, key)).map_err(backend)?;
+            t.lease_key(lease, key, false)?;
         }
         self.record(t, EventKind::Delete, key, &last, modified, now, events)
     }
@@ -997,14 +1375,15 @@ impl Writer {
     }
 
     /// The value stored under `key`, live or not; empty when there is none.
-    fn stored_value(t: &Tables, key: &[u8]) -> Result<Vec<u8>> {
-        match t.kv.get(key).map_err(backend)? {
-            Some(guard) => Ok(Stored::decode(guard.value())?.value.to_vec()),
-            None => Ok(Vec::new()),
-        }
+    fn stored_value<T: Tables>(t: &T, key: &[u8]) -> Result<Vec<u8>> {
+        Ok(
+            t.kv_with(key, |r| Stored::decode(r).map(|s| s.value.to_vec()))?
+                .transpose()?
+                .unwrap_or_default(),
+        )
     }
 
-    fn grant(&mut self, t: &mut Tables, ttl: Duration, now: u64) -> Result<Lease> {
+    fn grant(&mut self, t: &mut RedbTables, ttl: Duration, now: u64) -> Result<Lease> {
         let id = self.next_lease;
         self.next_lease += 1;
         let ttl_ms = (ttl.as_millis() as u64).max(1);
@@ -1022,7 +1401,7 @@ impl Writer {
         })
     }
 
-    fn keep_alive(t: &mut Tables, id: LeaseId, now: u64) -> Result<Lease> {
+    fn keep_alive(t: &mut RedbTables, id: LeaseId, now: u64) -> Result<Lease> {
         let lease = lease_live(&t.leases, id, now)?.ok_or(StoreError::LeaseNotFound(id))?;
         let ttl_ms = lease.ttl.as_millis() as u64;
         let expires_at_ms = now.saturating_add(ttl_ms);
@@ -1043,7 +1422,7 @@ impl Writer {
 
     fn revoke(
         &mut self,
-        t: &mut Tables,
+        t: &mut RedbTables,
         id: LeaseId,
         now: u64,
         events: &mut Vec<Event>,
@@ -1074,7 +1453,7 @@ impl Writer {
         Ok(())
     }
 
-    fn sweep(&mut self, t: &mut Tables, now: u64, events: &mut Vec<Event>) -> Result<usize> {
+    fn sweep(&mut self, t: &mut RedbTables, now: u64, events: &mut Vec<Event>) -> Result<usize> {
         let expired: Vec<LeaseId> = t
             .lease_expiry
             .range((0u64, 0u64)..=(now, u64::MAX))
@@ -1087,7 +1466,7 @@ impl Writer {
         Ok(expired.len())
     }
 
-    fn compact(&mut self, t: &mut Tables, before_ms: u64) -> Result<(usize, Option<Revision>)> {
+    fn compact(&mut self, t: &mut RedbTables, before_ms: u64) -> Result<(usize, Option<Revision>)> {
         let mut doomed = Vec::new();
         for item in t
             .log
@@ -1186,7 +1565,7 @@ fn encode_ops(ops: &[&Op]) -> Vec<u8> {
                 out.extend_from_slice(&before.to_be_bytes());
             }
             // Changes nothing; its place in the batch does not matter on replay.
-            Op::Shutdown => out.push(8),
+            Op::Shutdown | Op::Wake => out.push(8),
         }
     }
     out

@@ -369,6 +369,21 @@ pub async fn model_based(store: impl Store, ops: Vec<ModelOp>) {
         }
     }
     assert_eq!(store.revision().await.unwrap(), rev);
+    assert_eq!(store.entry_count().await.unwrap(), model.len() as u64);
+    // The change feed holds every change, in order.
+    let mut feed: Vec<_> = history
+        .iter()
+        .flat_map(|(k, events)| events.iter().map(move |(r, kind)| (*r, *kind, k.clone())))
+        .collect();
+    feed.sort_by_key(|e| e.0);
+    let got: Vec<_> = store
+        .changes(1, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.revision, e.kind, e.key))
+        .collect();
+    assert_eq!(got, feed);
     store.close().await.unwrap();
 }
 

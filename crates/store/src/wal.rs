@@ -2,17 +2,28 @@
 //!
 //! Each group commit appends one record and `fdatasync`s it before any of its writes
 //! is acknowledged; the B-tree itself is committed without fsync and made durable
-//! by periodic checkpoints, after which the log starts over. A sequential append and
-//! one small fsync per batch is much cheaper than writing every dirtied B-tree page
-//! per batch, and it is what makes an acknowledged write survive a crash.
+//! by periodic checkpoints. A sequential append and one small fsync per batch is
+//! much cheaper than writing every dirtied B-tree page per batch, and it is what
+//! makes an acknowledged write survive a crash.
+//!
+//! The log is two files, `NAME.wal` and `NAME.wal.1`, one of them active. A
+//! checkpoint switches the active file when it starts and, once its commit is
+//! durable, empties the other one: batches logged while the checkpoint runs go to
+//! the newly active file and survive it. A file is emptied only when every record in
+//! it is covered by a durable checkpoint, so a failed checkpoint leaves its file as
+//! it is and the next switch appends after the old records. Reading back takes the
+//! records of both files in sequence order; replay skips those the B-tree already
+//! holds.
 //!
 //! Record: `len: u32 | crc32(body): u32 | body`, body = `seq: u64 | now_ms: u64 |
-//! payload`, all big-endian. Reading stops at the first record that is short or whose
-//! checksum fails: a torn tail is a record that was never acknowledged.
+//! payload`, all big-endian. Reading a file stops at the first record that is short
+//! or whose checksum fails: a torn tail is a record that was never acknowledged.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One record read back.
 pub struct Record {
@@ -24,16 +35,16 @@ pub struct Record {
     pub payload: Vec<u8>,
 }
 
-/// An open log.
-pub struct Wal {
+/// One of the two files.
+struct Segment {
     file: File,
     len: u64,
-    buf: Vec<u8>,
+    /// The highest sequence number in the file (0: none).
+    max_seq: u64,
 }
 
-impl Wal {
-    /// Opens (or creates) the log and reads every intact record in it.
-    pub fn open(path: &Path) -> io::Result<(Wal, Vec<Record>)> {
+impl Segment {
+    fn open(path: &Path, records: &mut Vec<Record>) -> io::Result<Segment> {
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -42,8 +53,8 @@ impl Wal {
             .open(path)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
-        let mut records = Vec::new();
         let mut at = 0usize;
+        let mut max_seq = 0;
         while let Some(header) = bytes.get(at..at + 8) {
             let len = u32::from_be_bytes(header[..4].try_into().expect("4 bytes")) as usize;
             let crc = u32::from_be_bytes(header[4..].try_into().expect("4 bytes"));
@@ -53,8 +64,10 @@ impl Wal {
             if len < 16 || crc32fast::hash(body) != crc {
                 break;
             }
+            let seq = u64::from_be_bytes(body[..8].try_into().expect("8 bytes"));
+            max_seq = max_seq.max(seq);
             records.push(Record {
-                seq: u64::from_be_bytes(body[..8].try_into().expect("8 bytes")),
+                seq,
                 now_ms: u64::from_be_bytes(body[8..16].try_into().expect("8 bytes")),
                 payload: body[16..].to_vec(),
             });
@@ -63,17 +76,62 @@ impl Wal {
         // Anything after the last intact record is a torn write: cut it off.
         file.set_len(at as u64)?;
         file.seek(SeekFrom::Start(at as u64))?;
+        Ok(Segment {
+            file,
+            len: at as u64,
+            max_seq,
+        })
+    }
+
+    fn empty(&mut self) -> io::Result<()> {
+        self.file.set_len(0)?;
+        self.file.seek(SeekFrom::Start(0))?;
+        self.file.sync_data()?;
+        self.len = 0;
+        self.max_seq = 0;
+        Ok(())
+    }
+}
+
+/// An open log.
+pub struct Wal {
+    segments: [Segment; 2],
+    active: usize,
+    buf: Vec<u8>,
+}
+
+/// The second file's path: `NAME.wal.1` beside `NAME.wal`.
+fn second(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
+}
+
+impl Wal {
+    /// Opens (or creates) the log and reads every intact record in it, in sequence
+    /// order.
+    pub fn open(path: &Path) -> io::Result<(Wal, Vec<Record>)> {
+        let mut records = Vec::new();
+        let first = Segment::open(path, &mut records)?;
+        let other = Segment::open(&second(path), &mut records)?;
+        // Both files must be on disk before an acknowledged record depends on them.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+        records.sort_by_key(|r| r.seq);
+        // Append where the newest record is, so records stay in order within a file.
+        let active = usize::from(other.max_seq > first.max_seq);
         Ok((
             Wal {
-                file,
-                len: at as u64,
+                segments: [first, other],
+                active,
                 buf: Vec::new(),
             },
             records,
         ))
     }
 
-    /// Appends one record and makes it durable.
+    /// Appends one record to the active file and makes it durable.
     pub fn append(&mut self, seq: u64, now_ms: u64, payload: &[u8]) -> io::Result<()> {
         let body_len = 16 + payload.len();
         self.buf.clear();
@@ -84,46 +142,56 @@ impl Wal {
         self.buf.extend_from_slice(payload);
         let crc = crc32fast::hash(&self.buf[8..]);
         self.buf[4..8].copy_from_slice(&crc.to_be_bytes());
-        if let Err(e) = self
+        let segment = &mut self.segments[self.active];
+        if let Err(e) = segment
             .file
             .write_all(&self.buf)
-            .and_then(|_| self.file.sync_data())
+            .and_then(|_| segment.file.sync_data())
         {
             // Leave no partial record behind for the next append to follow.
-            let _ = self.file.set_len(self.len);
-            let _ = self.file.seek(SeekFrom::Start(self.len));
+            let _ = segment.file.set_len(segment.len);
+            let _ = segment.file.seek(SeekFrom::Start(segment.len));
             return Err(e);
         }
-        self.len += self.buf.len() as u64;
+        segment.len += self.buf.len() as u64;
+        segment.max_seq = segment.max_seq.max(seq);
         Ok(())
     }
 
-    /// Bytes in the log.
+    /// Bytes in the active file.
     pub fn len(&self) -> u64 {
-        self.len
+        self.segments[self.active].len
     }
 
-    /// Empties the log, once everything in it is durable elsewhere.
-    pub fn reset(&mut self) -> io::Result<()> {
-        self.file.set_len(0)?;
-        self.file.seek(SeekFrom::Start(0))?;
-        self.file.sync_data()?;
-        self.len = 0;
+    /// Makes the other file the active one (a checkpoint starts).
+    pub fn switch(&mut self) {
+        self.active = 1 - self.active;
+    }
+
+    /// Empties each file whose records a durable checkpoint of batch `seq` holds.
+    pub fn release(&mut self, seq: u64) -> io::Result<()> {
+        for segment in &mut self.segments {
+            if segment.len > 0 && segment.max_seq <= seq {
+                segment.empty()?;
+            }
+        }
         Ok(())
     }
 }
 
 enum Job {
     Append(u64, u64, Vec<u8>),
-    Reset,
+    Switch,
+    /// Empties what a checkpoint covers; answers through `done` when asked to.
+    Release(u64, bool),
 }
 
 /// The log on a thread of its own, so that an append and its fsync can run while
 /// the writer applies the same batch to the B-tree.
 pub struct Appender {
     jobs: std::sync::mpsc::Sender<Job>,
-    done: std::sync::mpsc::Receiver<io::Result<u64>>,
-    len: u64,
+    done: std::sync::mpsc::Receiver<io::Result<()>>,
+    len: Arc<AtomicU64>,
     in_flight: bool,
 }
 
@@ -132,16 +200,33 @@ impl Appender {
     pub fn spawn(mut wal: Wal) -> io::Result<Appender> {
         let (jobs, job_rx) = std::sync::mpsc::channel::<Job>();
         let (done_tx, done) = std::sync::mpsc::channel();
-        let len = wal.len();
+        let len = Arc::new(AtomicU64::new(wal.len()));
+        let shared_len = len.clone();
         std::thread::Builder::new()
             .name("amphora-wal".into())
             .spawn(move || {
                 for job in job_rx {
-                    let result = match job {
-                        Job::Append(seq, now_ms, payload) => wal.append(seq, now_ms, &payload),
-                        Job::Reset => wal.reset(),
+                    let answer = match job {
+                        Job::Append(seq, now_ms, payload) => {
+                            Some(wal.append(seq, now_ms, &payload))
+                        }
+                        Job::Switch => {
+                            wal.switch();
+                            None
+                        }
+                        Job::Release(seq, answer) => {
+                            let result = wal.release(seq);
+                            if let Err(e) = &result {
+                                // The records stay; replay skips what the B-tree holds.
+                                tracing::warn!(error = %e, "emptying a write-ahead log file failed");
+                            }
+                            answer.then_some(result)
+                        }
                     };
-                    if done_tx.send(result.map(|()| wal.len())).is_err() {
+                    shared_len.store(wal.len(), Ordering::Release);
+                    if let Some(result) = answer
+                        && done_tx.send(result).is_err()
+                    {
                         break;
                     }
                 }
@@ -154,10 +239,16 @@ impl Appender {
         })
     }
 
+    fn send(&self, job: Job) -> io::Result<()> {
+        self.jobs
+            .send(job)
+            .map_err(|_| io::Error::other("the log thread is gone"))
+    }
+
     /// Starts appending a record; [`Appender::finish`] waits for it to be durable.
     pub fn start(&mut self, seq: u64, now_ms: u64, payload: Vec<u8>) {
         debug_assert!(!self.in_flight, "one append at a time");
-        self.in_flight = self.jobs.send(Job::Append(seq, now_ms, payload)).is_ok();
+        self.in_flight = self.send(Job::Append(seq, now_ms, payload)).is_ok();
     }
 
     /// Waits for the append started last.
@@ -169,24 +260,31 @@ impl Appender {
     }
 
     fn wait(&mut self) -> io::Result<()> {
-        let len = self
-            .done
+        self.done
             .recv()
-            .map_err(|_| io::Error::other("the log thread is gone"))??;
-        self.len = len;
-        Ok(())
+            .map_err(|_| io::Error::other("the log thread is gone"))?
     }
 
-    /// Bytes in the log.
+    /// Bytes in the active file (as of the last job the thread finished).
     pub fn len(&self) -> u64 {
-        self.len
+        self.len.load(Ordering::Acquire)
     }
 
-    /// Empties the log.
-    pub fn reset(&mut self) -> io::Result<()> {
-        self.jobs
-            .send(Job::Reset)
-            .map_err(|_| io::Error::other("the log thread is gone"))?;
+    /// Makes the other file active: appends from now on go there.
+    pub fn switch(&mut self) -> io::Result<()> {
+        self.send(Job::Switch)
+    }
+
+    /// Empties, in the background, the files a durable checkpoint of batch `seq`
+    /// covers.
+    pub fn release(&mut self, seq: u64) -> io::Result<()> {
+        self.send(Job::Release(seq, false))
+    }
+
+    /// [`Appender::release`], waiting for it.
+    pub fn release_now(&mut self, seq: u64) -> io::Result<()> {
+        debug_assert!(!self.in_flight, "no append in flight");
+        self.send(Job::Release(seq, true))?;
         self.wait()
     }
 }
@@ -194,6 +292,13 @@ impl Appender {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn seqs(records: &[Record]) -> Vec<(u64, u64, Vec<u8>)> {
+        records
+            .iter()
+            .map(|r| (r.seq, r.now_ms, r.payload.clone()))
+            .collect()
+    }
 
     #[test]
     fn reads_back_intact_records_and_cuts_a_torn_tail() {
@@ -209,23 +314,59 @@ mod tests {
         f.write_all(&[0, 0, 0, 40, 1, 2, 3, 4, 9, 9]).unwrap();
         drop(f);
         let (mut w, recs) = Wal::open(&path).unwrap();
-        let got: Vec<(u64, u64, Vec<u8>)> = recs
-            .into_iter()
-            .map(|r| (r.seq, r.now_ms, r.payload))
-            .collect();
-        assert_eq!(got, [(1, 10, b"one".to_vec()), (2, 20, b"two".to_vec())]);
+        assert_eq!(
+            seqs(&recs),
+            [(1, 10, b"one".to_vec()), (2, 20, b"two".to_vec())]
+        );
         w.append(3, 30, b"three").unwrap();
         drop(w);
         let (mut w, recs) = Wal::open(&path).unwrap();
         assert_eq!(recs.last().map(|r| r.seq), Some(3));
         // A flipped bit ends the log at that record.
-        w.reset().unwrap();
+        w.release(3).unwrap();
         w.append(4, 40, b"four").unwrap();
         drop(w);
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         std::fs::write(&path, bytes).unwrap();
+        let (_, recs) = Wal::open(&path).unwrap();
+        assert!(recs.is_empty());
+    }
+
+    #[test]
+    fn a_switch_keeps_later_records_and_release_drops_only_covered_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w");
+        let (mut w, _) = Wal::open(&path).unwrap();
+        w.append(1, 10, b"a").unwrap();
+        w.append(2, 20, b"b").unwrap();
+        // A checkpoint of batch 2 starts; batches 3 and 4 come in while it runs.
+        w.switch();
+        w.append(3, 30, b"c").unwrap();
+        w.append(4, 40, b"d").unwrap();
+        let (_, recs) = Wal::open(&path).unwrap();
+        assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        // It is durable: only the first file is emptied.
+        w.release(2).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        let (_, recs) = Wal::open(&path).unwrap();
+        assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4]);
+        // The next checkpoint (of batch 4) fails: nothing is released, and the
+        // switch back appends to the empty first file.
+        w.switch();
+        w.append(5, 50, b"e").unwrap();
+        // A later checkpoint of batch 4 switches again: the second file, with 3 and
+        // 4, goes on receiving; it can't be released until a checkpoint covers 6.
+        w.switch();
+        w.append(6, 60, b"f").unwrap();
+        w.release(5).unwrap();
+        let (mut reopened, recs) = Wal::open(&path).unwrap();
+        assert_eq!(recs.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4, 6]);
+        // Reopened, it appends to the file with the newest record.
+        reopened.append(7, 70, b"g").unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        reopened.release(7).unwrap();
         let (_, recs) = Wal::open(&path).unwrap();
         assert!(recs.is_empty());
     }

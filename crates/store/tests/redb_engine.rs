@@ -8,16 +8,34 @@ fn open(dir: &tempfile::TempDir) -> RedbStore {
     RedbStore::open(&dir.path().join("test.redb"), RedbOptions::default()).expect("open store")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redb_passes_conformance() {
+/// A checkpoint starts after every batch: most batches are decided against the
+/// overlay, and every lease operation or compaction waits for a checkpoint.
+fn constant_checkpoints() -> RedbOptions {
+    RedbOptions {
+        checkpoint_interval: std::time::Duration::ZERO,
+        ..RedbOptions::default()
+    }
+}
+
+async fn conformance(options: fn() -> RedbOptions) {
     let dirs = std::sync::Mutex::new(Vec::new());
     testkit::conformance(|| {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir);
+        let store = RedbStore::open(&dir.path().join("test.redb"), options()).unwrap();
         dirs.lock().unwrap().push(dir);
         async move { store }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redb_passes_conformance() {
+    conformance(RedbOptions::default).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redb_passes_conformance_with_constant_checkpoints() {
+    conformance(constant_checkpoints).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,6 +73,62 @@ proptest! {
         let store = RedbStore::open(&dir.path().join("test.redb"), options).unwrap();
         rt.block_on(testkit::model_based(store, ops));
     }
+
+    /// The same with a checkpoint after every batch, so that reads and writes meet
+    /// the overlay.
+    #[test]
+    fn redb_with_constant_checkpoints_matches_btreemap_model(ops in testkit::ops()) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("test.redb"), constant_checkpoints()).unwrap();
+        rt.block_on(testkit::model_based(store, ops));
+    }
+}
+
+/// Under a steady stream of writes with a checkpoint after every batch, batches are
+/// decided against the overlay, and what they wrote survives a reopen (the overlay
+/// applied to redb and the log replayed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlay_batches_survive_a_reopen() {
+    use amphora_store::{Condition, Put, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("test.redb");
+    let store = RedbStore::open(&path, constant_checkpoints()).unwrap();
+    let s = &store;
+    type Write<'a> = std::pin::Pin<
+        Box<dyn std::future::Future<Output = amphora_store::Result<u64>> + Send + 'a>,
+    >;
+    let mut writes: Vec<Write> = Vec::new();
+    for i in 0..2000u32 {
+        let key = format!("k{:04}", i % 500).into_bytes();
+        writes.push(s.put(Put::new(key, i.to_string().into_bytes(), Condition::None)));
+        if i % 7 == 0 {
+            let gone = format!("k{:04}", (i + 3) % 500).into_bytes();
+            writes.push(Box::pin(async move {
+                s.delete(&gone, Condition::None).await.map(|_| 0)
+            }));
+        }
+    }
+    for w in futures_like_join(writes).await {
+        w.unwrap();
+    }
+    let stats = store.checkpoint_stats();
+    assert!(stats.checkpoints > 0, "{stats:?}");
+    assert!(stats.overlay_batches > 0, "{stats:?}");
+    let revision = store.revision().await.unwrap();
+    let all = store.range(b"", None, 10_000).await.unwrap();
+    let count = store.entry_count().await.unwrap();
+    assert_eq!(count, all.items.len() as u64);
+    let changes = store.changes(1, 100_000).await.unwrap();
+    assert_eq!(changes.len() as u64, revision);
+    store.close().await.unwrap();
+    drop(store);
+    let reopened = RedbStore::open(&path, RedbOptions::default()).unwrap();
+    assert_eq!(reopened.revision().await.unwrap(), revision);
+    assert_eq!(reopened.range(b"", None, 10_000).await.unwrap(), all);
+    assert_eq!(reopened.entry_count().await.unwrap(), count);
+    assert_eq!(reopened.changes(1, 100_000).await.unwrap(), changes);
+    reopened.close().await.unwrap();
 }
 
 /// Reads stay linearizable with the entry cache while commits go on: a read never
@@ -62,11 +136,22 @@ proptest! {
 /// any read that finished before it began.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reads_never_go_back_while_writes_commit() {
+    reads_never_go_back(RedbOptions::default()).await;
+}
+
+/// The same while batches go to the overlay and back to redb.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_never_go_back_across_checkpoints() {
+    let stats = reads_never_go_back(constant_checkpoints()).await;
+    assert!(stats.overlay_batches > 0, "{stats:?}");
+}
+
+async fn reads_never_go_back(options: RedbOptions) -> amphora_store::redb::CheckpointStats {
     use amphora_store::{Condition, Put, Store};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(open(&dir));
+    let store = Arc::new(RedbStore::open(&dir.path().join("test.redb"), options).unwrap());
     let keys: Vec<Vec<u8>> = (0..4u8).map(|i| vec![b'k', i]).collect();
     for k in &keys {
         store
@@ -142,6 +227,7 @@ async fn reads_never_go_back_while_writes_commit() {
         }
     }
     store.close().await.unwrap();
+    store.checkpoint_stats()
 }
 
 /// Acknowledged writes that only the write-ahead log holds (no checkpoint yet) are
@@ -202,16 +288,16 @@ async fn redb_replays_the_write_ahead_log_after_a_crash() {
 
     // The crash: whatever the files hold now.
     let crashed = tempfile::tempdir().unwrap();
-    for f in ["a.redb", "a.wal"] {
+    for f in ["a.redb", "a.wal", "a.wal.1"] {
         std::fs::copy(dir.path().join(f), crashed.path().join(f)).unwrap();
     }
-    assert!(
-        std::fs::metadata(crashed.path().join("a.wal"))
-            .unwrap()
-            .len()
-            > 0,
-        "the log holds the writes"
-    );
+    let log_bytes = || {
+        ["a.wal", "a.wal.1"]
+            .map(|f| std::fs::metadata(crashed.path().join(f)).unwrap().len())
+            .iter()
+            .sum::<u64>()
+    };
+    assert!(log_bytes() > 0, "the log holds the writes");
     let r = RedbStore::open(&crashed.path().join("a.redb"), RedbOptions::default()).unwrap();
     assert_eq!(r.revision().await.unwrap(), revision);
     assert_eq!(r.range(b"", None, 1000).await.unwrap(), before);
@@ -225,12 +311,7 @@ async fn redb_replays_the_write_ahead_log_after_a_crash() {
         amphora_store::EventKind::Delete
     );
     // After replay the log was checkpointed and emptied.
-    assert_eq!(
-        std::fs::metadata(crashed.path().join("a.wal"))
-            .unwrap()
-            .len(),
-        0
-    );
+    assert_eq!(log_bytes(), 0);
     // And it goes on from where it was.
     assert_eq!(
         r.put(put("new", "v", Condition::Absent)).await.unwrap(),
