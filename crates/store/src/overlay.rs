@@ -1,33 +1,38 @@
-//! The overlay: batches acknowledged while a checkpoint runs.
+//! The overlay: acknowledged writes that redb does not hold yet.
 //!
-//! A checkpoint is a durable redb commit; it holds redb's only write transaction
-//! for as long as the disk takes to write and flush the pages dirtied since the
-//! last one (15-25 ms under load). Rather than make writes wait, the writer hands
-//! the commit to the checkpoint thread and goes on deciding batches against an
-//! overlay: a redb read snapshot taken when the checkpoint started (its *base*)
-//! plus the changes of every batch since, in memory. Each batch is logged and made
-//! durable in the write-ahead log exactly as always, its changes are merged into
-//! the overlay, and only then is it acknowledged. When the checkpoint is done the
-//! writer applies the overlay's changes to redb in one commit and retires it.
+//! The writer does not write puts and deletes to redb itself. It decides each batch
+//! against the overlay, a redb read snapshot (its *base*) plus the changes of every
+//! batch since, in memory; logs the batch and makes it durable in the write-ahead
+//! log as always; merges its changes into the overlay's *current* layer; and only
+//! then acknowledges it. Every checkpoint interval it freezes the current layer and
+//! hands it to the checkpoint thread, which applies it to redb and makes redb durable
+//! in one commit, while new batches go to a fresh current layer. When that commit is
+//! done the writer rebases the overlay on a new snapshot, which holds the frozen
+//! layer, and drops the layer (or retires the overlay if nothing came in meanwhile).
+//! So the writer never waits for redb's write transaction, and redb takes a
+//! checkpoint's worth of changes in one commit instead of one commit per batch.
 //!
-//! Outcomes are decided by the same code in both places: `put` and `delete` in
-//! `redb.rs` are written against the [`Tables`] trait, which the write
-//! transaction's tables and the overlay both implement, so a batch decided here
-//! and the same batch replayed from the log into redb after a crash agree by
-//! construction. Operations that scan (lease grant, keep-alive, revoke, sweep,
-//! compaction) are barriers: they wait for the checkpoint and run against redb.
+//! Outcomes are decided by the same code everywhere: `put` and `delete` in `redb.rs`
+//! are written against the [`Tables`] trait, which redb's write tables and the
+//! overlay both implement, so a batch decided here and the same batch replayed from
+//! the log into redb after a crash agree by construction. Operations that scan
+//! (lease grant, keep-alive, revoke, sweep, compaction) are barriers: the writer
+//! waits for a running checkpoint, applies the overlay to redb itself, retires it,
+//! and runs them in a redb write transaction.
 //!
-//! Readers find the overlay through `Shared::overlay` while it is published and
-//! read the base plus the changes, a consistent state that contains every
-//! acknowledged write: a batch is merged before it is acknowledged, and the
-//! overlay is retired only after its changes are committed to redb.
+//! Readers find the overlay through `Shared::overlay` while one is published and
+//! read current layer, frozen layer, then base: a consistent state that contains
+//! every acknowledged write. A batch is merged before it is acknowledged; a frozen
+//! layer is dropped only from an overlay whose base holds it (readers of the older
+//! overlay object see the same state through the layer); an overlay is retired only
+//! once redb holds all of it.
 
 use crate::redb::{GRAVES, KV, LEASES, LOG, Stored, backend, decode_event, lease_live};
 use crate::{Event, KeyValue, Lease, LeaseId, Page, Result, Revision};
 use redb::{ReadOnlyTable, ReadTransaction, ReadableTableMetadata};
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 /// What deciding a put or a delete reads and changes: the tables of a redb write
 /// transaction, or the overlay (with the batch's own changes on top).
@@ -66,6 +71,13 @@ impl Changes {
         self.kv.get(key).map(|v| v.as_deref())
     }
 
+    pub(crate) fn is_empty(&self) -> bool {
+        self.kv.is_empty()
+            && self.log.is_empty()
+            && self.graves.is_empty()
+            && self.lease_keys.is_empty()
+    }
+
     fn merge(&mut self, later: Changes) {
         self.kv.extend(later.kv);
         self.log.extend(later.log);
@@ -76,65 +88,109 @@ impl Changes {
     }
 }
 
-/// A published overlay: the base snapshot and the changes since.
-pub(crate) struct Overlay {
+/// The redb snapshot an overlay starts from.
+pub(crate) struct Base {
     kv: ReadOnlyTable<&'static [u8], &'static [u8]>,
     log: ReadOnlyTable<u64, &'static [u8]>,
     graves: ReadOnlyTable<&'static [u8], u64>,
     leases: ReadOnlyTable<u64, (u64, u64)>,
     entries: u64,
-    pub(crate) changes: RwLock<Changes>,
+}
+
+impl Base {
+    pub(crate) fn open(txn: &ReadTransaction) -> Result<Arc<Base>> {
+        let kv = txn.open_table(KV).map_err(backend)?;
+        Ok(Arc::new(Base {
+            entries: kv.len().map_err(backend)?,
+            kv,
+            log: txn.open_table(LOG).map_err(backend)?,
+            graves: txn.open_table(GRAVES).map_err(backend)?,
+            leases: txn.open_table(LEASES).map_err(backend)?,
+        }))
+    }
+}
+
+/// A layer of changes: the writer merges batches into the newest; a frozen one is
+/// no longer written.
+pub(crate) type Layer = Arc<RwLock<Changes>>;
+
+pub(crate) fn read(layer: &Layer) -> std::sync::RwLockReadGuard<'_, Changes> {
+    // Nothing panics while holding the lock; a poisoned one still holds whole data.
+    layer.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A published overlay: a base snapshot, the changes a running checkpoint is
+/// applying to redb (frozen), and the changes since (current), newest first when
+/// looking a key up.
+pub(crate) struct Overlay {
+    base: Arc<Base>,
+    frozen: Option<Layer>,
+    pub(crate) current: Layer,
 }
 
 impl Overlay {
-    /// An empty overlay over `base`.
-    pub(crate) fn new(base: &ReadTransaction) -> Result<Overlay> {
-        let kv = base.open_table(KV).map_err(backend)?;
-        Ok(Overlay {
-            entries: kv.len().map_err(backend)?,
-            kv,
-            log: base.open_table(LOG).map_err(backend)?,
-            graves: base.open_table(GRAVES).map_err(backend)?,
-            leases: base.open_table(LEASES).map_err(backend)?,
-            changes: RwLock::default(),
-        })
+    pub(crate) fn new(base: Arc<Base>, frozen: Option<Layer>, current: Layer) -> Overlay {
+        Overlay {
+            base,
+            frozen,
+            current,
+        }
     }
 
-    fn changes(&self) -> std::sync::RwLockReadGuard<'_, Changes> {
-        // Nothing panics while holding the lock; a poisoned one still holds whole data.
-        self.changes.read().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn base(&self) -> &Arc<Base> {
+        &self.base
     }
 
-    /// Merges a logged batch's changes.
+    /// The layers, newest first.
+    fn layers(&self) -> impl Iterator<Item = &Layer> {
+        std::iter::once(&self.current).chain(self.frozen.as_ref())
+    }
+
+    /// Merges a logged batch's changes into the current layer.
     pub(crate) fn merge(&self, batch: Changes) {
-        self.changes
+        self.current
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .merge(batch);
     }
 
+    /// Memory the current layer takes, about.
     pub(crate) fn bytes(&self) -> usize {
-        self.changes().bytes
+        read(&self.current).bytes
     }
 
     pub(crate) fn kv_with<R>(&self, key: &[u8], f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
-        if let Some(changed) = self.changes().kv(key) {
-            return Ok(changed.map(f));
+        for layer in self.layers() {
+            if let Some(changed) = read(layer).kv(key) {
+                return Ok(changed.map(f));
+            }
         }
-        Ok(self.kv.get(key).map_err(backend)?.map(|g| f(g.value())))
+        Ok(self
+            .base
+            .kv
+            .get(key)
+            .map_err(backend)?
+            .map(|g| f(g.value())))
     }
 
     fn grave(&self, key: &[u8]) -> Result<Option<Revision>> {
-        if let Some(changed) = self.changes().graves.get(key) {
-            return Ok(*changed);
+        for layer in self.layers() {
+            if let Some(changed) = read(layer).graves.get(key) {
+                return Ok(*changed);
+            }
         }
-        Ok(self.graves.get(key).map_err(backend)?.map(|g| g.value()))
+        Ok(self
+            .base
+            .graves
+            .get(key)
+            .map_err(backend)?
+            .map(|g| g.value()))
     }
 
     pub(crate) fn lease_live(&self, id: LeaseId, now: u64) -> Result<Option<Lease>> {
         // Leases do not change while an overlay is published (their operations are
         // barriers): the base has them as they are.
-        lease_live(&self.leases, id, now)
+        lease_live(&self.base.leases, id, now)
     }
 
     pub(crate) fn get(&self, key: &[u8], now: u64) -> Result<Option<KeyValue>> {
@@ -163,15 +219,20 @@ impl Overlay {
             Some(a) if a >= prefix => Bound::Excluded(a),
             _ => Bound::Included(prefix),
         };
-        let changed: Vec<(Vec<u8>, Option<Vec<u8>>)> = self
-            .changes()
-            .kv
-            .range::<[u8], _>((start, Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        // The layers' changes under the prefix, the newest winning.
+        let mut changed: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        for layer in self.frozen.iter().chain(std::iter::once(&self.current)) {
+            changed.extend(
+                read(layer)
+                    .kv
+                    .range::<[u8], _>((start, Bound::Unbounded))
+                    .take_while(|(k, _)| k.starts_with(prefix))
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+        }
         let mut changed = changed.into_iter().peekable();
         let mut base = self
+            .base
             .kv
             .range::<&[u8]>((start, Bound::Unbounded))
             .map_err(backend)?
@@ -221,10 +282,12 @@ impl Overlay {
             None => self.grave(key)?.unwrap_or(0),
         };
         crate::redb::follow_history(newest, limit, |revision| {
-            if let Some(bytes) = self.changes().log.get(&revision) {
-                return decode_event(revision, bytes).map(Some);
+            for layer in self.layers() {
+                if let Some(bytes) = read(layer).log.get(&revision) {
+                    return decode_event(revision, bytes).map(Some);
+                }
             }
-            match self.log.get(revision).map_err(backend)? {
+            match self.base.log.get(revision).map_err(backend)? {
                 Some(bytes) => decode_event(revision, bytes.value()).map(Some),
                 None => Ok(None),
             }
@@ -232,23 +295,26 @@ impl Overlay {
     }
 
     pub(crate) fn changes_from(&self, from: Revision, limit: usize) -> Result<Vec<Event>> {
-        // Every revision in the changes is newer than every revision in the base.
+        // Revisions grow from the base to the frozen layer to the current one.
         let mut out = Vec::new();
-        for item in self.log.range(from..).map_err(backend)?.take(limit) {
+        for item in self.base.log.range(from..).map_err(backend)?.take(limit) {
             let (k, v) = item.map_err(backend)?;
             out.push(decode_event(k.value(), v.value())?.0);
         }
-        for (revision, bytes) in self.changes().log.range(from..) {
-            if out.len() == limit {
-                break;
+        for layer in self.frozen.iter().chain(std::iter::once(&self.current)) {
+            for (revision, bytes) in read(layer).log.range(from..) {
+                if out.len() == limit {
+                    return Ok(out);
+                }
+                out.push(decode_event(*revision, bytes)?.0);
             }
-            out.push(decode_event(*revision, bytes)?.0);
         }
         Ok(out)
     }
 
     pub(crate) fn entry_count(&self) -> u64 {
-        self.entries.saturating_add_signed(self.changes().entries)
+        let changed: i64 = self.layers().map(|layer| read(layer).entries).sum();
+        self.base.entries.saturating_add_signed(changed)
     }
 }
 

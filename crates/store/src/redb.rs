@@ -1,19 +1,21 @@
 //! The embedded engine: redb in one file, with group commit.
 //!
 //! One writer thread owns every write. It takes all pending operations from a
-//! bounded queue and applies them in order in one redb write transaction; it then
-//! appends the batch to the write-ahead log (`wal.rs`) with one `fdatasync`, commits
-//! the transaction without fsync (`Durability::None`: visible to readers, not yet on
-//! disk), and only then acknowledges each operation and publishes its events. A
-//! checkpoint (a `Durability::Immediate` commit, every `checkpoint_interval` or 64 MiB
-//! of log) makes the B-tree durable on the checkpoint thread; batches that come in
-//! meanwhile are decided against an overlay (`overlay.rs`) and applied to redb once
-//! it is done, and the log files the checkpoint covers are emptied. At start, batches
-//! logged after the last checkpoint are replayed: applying a batch is deterministic
-//! given the state and the batch's clock, both of which the log keeps. Readers open
-//! their own MVCC read transactions (or read the published overlay) and never wait
-//! for a commit; `get` looks in the entry cache (`cache.rs`) first, which the writer
-//! keeps exact around each commit.
+//! bounded queue and decides them in order, as one batch, against the overlay
+//! (`overlay.rs`: a redb snapshot plus the changes redb does not hold yet); the log
+//! thread appends the batch to the write-ahead log (`wal.rs`) with one `fdatasync`
+//! meanwhile. Once the record is durable the batch's changes are merged into the
+//! overlay and each operation is acknowledged and its events published. A checkpoint
+//! (every `checkpoint_interval`, or 64 MiB of log) hands the overlay's changes to the
+//! checkpoint thread, which applies them to redb in one `Durability::Immediate`
+//! commit; the log files it covers are then emptied. Lease operations and compaction
+//! scan tables, so they run in a redb write transaction on the writer after the
+//! overlay is applied. At start, batches logged after the last checkpoint are
+//! replayed: applying a batch is deterministic given the state and the batch's clock,
+//! both of which the log keeps. Readers open their own MVCC read transactions (and
+//! read the overlay while one is published) and never wait for a commit; `get` looks
+//! in the entry cache (`cache.rs`) first, which the writer keeps exact around each
+//! publication.
 //!
 //! Tables:
 //! - `kv`: key → create revision, mod revision, lease (0 = none), value;
@@ -27,7 +29,7 @@
 //! - `meta`: "revision", "next_lease", "compacted" → u64.
 
 use crate::cache::EntryCache;
-use crate::overlay::{Overlay, OverlayTables, Tables};
+use crate::overlay::{Base, Layer, Overlay, OverlayTables, Tables};
 use crate::wal::{Appender, Wal};
 use crate::{
     CommitInfo, CommitObserver, Condition, Event, EventKind, KeyValue, Lease, LeaseChoice, LeaseId,
@@ -101,10 +103,13 @@ struct Shared {
     cache: EntryCache,
     /// The overlay readers must use; odd `overlay_epoch` while one is published, so
     /// that readers take the lock only then.
-    overlay: std::sync::Mutex<Option<Arc<Overlay>>>,
+    overlay: std::sync::RwLock<Option<Arc<Overlay>>>,
     overlay_epoch: AtomicU64,
     checkpoints: AtomicU64,
     overlay_batches: AtomicU64,
+    /// Set while some acknowledged writes are not durable in redb yet: the
+    /// checkpoint thread then wakes an idle writer to make them so.
+    unsettled: std::sync::atomic::AtomicBool,
 }
 
 /// Counts of the engine's checkpoints, for tests and metrics.
@@ -117,14 +122,23 @@ pub struct CheckpointStats {
 }
 
 impl Shared {
-    fn published(&self) -> std::sync::MutexGuard<'_, Option<Arc<Overlay>>> {
+    fn published(&self) -> Option<Arc<Overlay>> {
         // The lock guards one pointer; a poisoned one still holds a whole value.
-        self.overlay.lock().unwrap_or_else(|e| e.into_inner())
+        self.overlay
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
+    /// Publishes an overlay, or none; the epoch is odd exactly while one is.
     fn publish(&self, overlay: Option<Arc<Overlay>>) {
-        *self.published() = overlay;
-        self.overlay_epoch.fetch_add(1, Ordering::AcqRel);
+        let some = overlay.is_some();
+        let mut slot = self.overlay.write().unwrap_or_else(|e| e.into_inner());
+        let was = slot.is_some();
+        *slot = overlay;
+        if was != some {
+            self.overlay_epoch.fetch_add(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -326,14 +340,20 @@ impl RedbStore {
             committed: AtomicU64::new(committed),
             compacted: AtomicU64::new(compacted),
             cache: EntryCache::new(options.entry_cache_bytes),
-            overlay: std::sync::Mutex::new(None),
+            overlay: std::sync::RwLock::new(None),
             overlay_epoch: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             overlay_batches: AtomicU64::new(0),
+            unsettled: std::sync::atomic::AtomicBool::new(false),
         });
         let (wal, records) = Wal::open(&path.with_extension("wal"))
             .map_err(|e| StoreError::Io(format!("opening the write-ahead log: {e}")))?;
         let (queue, rx) = mpsc::channel(options.queue_capacity.max(1));
+        let checkpointer = Checkpointer::spawn(
+            shared.clone(),
+            options.checkpoint_interval,
+            queue.downgrade(),
+        )?;
         let mut writer = Writer {
             shared: shared.clone(),
             revision: committed,
@@ -344,7 +364,7 @@ impl RedbStore {
             seq: batch_seq,
             last_checkpoint: Instant::now(),
             poisoned: false,
-            checkpointer: Checkpointer::spawn(shared.clone())?,
+            checkpointer,
             wake: queue.downgrade(),
             overlay: None,
         };
@@ -378,6 +398,23 @@ impl RedbStore {
         self.shared.db.begin_read().map_err(backend)
     }
 
+    /// The entry under `key` in redb's latest commit.
+    fn get_committed(&self, key: &[u8]) -> Result<Option<KeyValue>> {
+        let txn = self.read()?;
+        let kv = txn.open_table(KV).map_err(backend)?;
+        let Some(guard) = kv.get(key).map_err(backend)? else {
+            return Ok(None);
+        };
+        let stored = Stored::decode(guard.value())?;
+        if stored.lease != 0 {
+            let leases = txn.open_table(LEASES).map_err(backend)?;
+            if lease_live(&leases, stored.lease, now_ms())?.is_none() {
+                return Ok(None);
+            }
+        }
+        Ok(Some(stored.to_key_value(key)))
+    }
+
     /// How many checkpoints and overlay batches there were since the store opened.
     pub fn checkpoint_stats(&self) -> CheckpointStats {
         CheckpointStats {
@@ -397,7 +434,7 @@ impl RedbStore {
         {
             return None;
         }
-        self.shared.published().clone()
+        self.shared.published()
     }
 }
 
@@ -413,30 +450,18 @@ impl Store for RedbStore {
             Ok(hit) => return Ok(Some(hit)),
             Err(ticket) => ticket,
         };
-        // Taken after the ticket: see overlay.rs. What an overlay answers is not
-        // cached (the writer keeps the cache exact only for what redb holds).
-        if let Some(overlay) = self.overlay() {
-            return overlay.get(key, now_ms());
-        }
-        let txn = self.read()?;
-        let kv = txn.open_table(KV).map_err(backend)?;
-        let Some(guard) = kv.get(key).map_err(backend)? else {
-            return Ok(None);
+        // The overlay is looked for after the ticket is taken: a batch merged into it
+        // later moves the generation, one merged earlier is in what this reads.
+        let found = match self.overlay() {
+            Some(overlay) => overlay.get(key, now_ms())?,
+            None => self.get_committed(key)?,
         };
-        let stored = Stored::decode(guard.value())?;
-        if stored.lease != 0 {
-            let leases = txn.open_table(LEASES).map_err(backend)?;
-            if lease_live(&leases, stored.lease, now_ms())?.is_none() {
-                return Ok(None);
-            }
-        }
-        let kv = stored.to_key_value(key);
-        if stored.lease == 0
-            && let Some(ticket) = ticket
+        if let (Some(kv), Some(ticket)) = (&found, ticket)
+            && kv.lease.is_none()
         {
-            self.shared.cache.offer(ticket, &kv);
+            self.shared.cache.offer(ticket, kv);
         }
-        Ok(Some(kv))
+        Ok(found)
     }
 
     async fn range(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Page> {
@@ -620,45 +645,79 @@ struct Writer {
     /// The sequence number of the last logged batch.
     seq: u64,
     last_checkpoint: Instant,
-    /// Set when a batch was logged but its commit failed: memory and log disagree,
-    /// so no further write is accepted until a restart replays the log.
+    /// Set when a batch was logged but its commit failed, or a checkpoint failed:
+    /// memory and redb disagree, so no further write is accepted until a restart
+    /// replays the log.
     poisoned: bool,
     checkpointer: Checkpointer,
     wake: mpsc::WeakSender<Pending>,
-    /// While a checkpoint runs (and until its changes are in redb): the overlay
-    /// batches are decided against and merged into (see overlay.rs).
+    /// Writes acknowledged but not yet in redb (see overlay.rs); `None` when redb
+    /// holds everything.
     overlay: Option<Arc<Overlay>>,
 }
 
-/// The thread that makes checkpoints durable while the writer goes on.
-struct Checkpointer {
-    /// The batch sequence number to checkpoint, and a way to wake the writer.
-    jobs: Option<std::sync::mpsc::Sender<(u64, mpsc::WeakSender<Pending>)>>,
-    done: std::sync::mpsc::Receiver<Result<()>>,
-    /// The sequence number of the running checkpoint.
+/// What the checkpoint thread makes durable.
+struct CheckpointJob {
+    /// Changes to apply to redb first (the overlay's frozen layer).
+    changes: Option<Layer>,
+    /// The writer's counters as of those changes.
+    revision: Revision,
+    next_lease: LeaseId,
     seq: u64,
+    wake: mpsc::WeakSender<Pending>,
+}
+
+/// The thread that applies overlays to redb and makes checkpoints durable while the
+/// writer goes on.
+struct Checkpointer {
+    jobs: Option<std::sync::mpsc::Sender<CheckpointJob>>,
+    done: std::sync::mpsc::Receiver<Result<()>>,
+    /// The sequence number of the running checkpoint, if one runs.
+    running: Option<u64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Checkpointer {
-    fn spawn(shared: Arc<Shared>) -> Result<Checkpointer> {
-        let (jobs, job_rx) = std::sync::mpsc::channel::<(u64, mpsc::WeakSender<Pending>)>();
+    /// Starts the thread. While nothing runs, it wakes the writer every `interval`
+    /// that `shared.unsettled` is set, so acknowledged writes reach redb without a
+    /// further write.
+    fn spawn(
+        shared: Arc<Shared>,
+        interval: Duration,
+        wake: mpsc::WeakSender<Pending>,
+    ) -> Result<Checkpointer> {
+        let (jobs, job_rx) = std::sync::mpsc::channel::<CheckpointJob>();
         let (done_tx, done) = std::sync::mpsc::channel();
+        let wake_writer = move || {
+            // A full queue means the writer is busy and will look by itself.
+            if let Some(queue) = wake.upgrade() {
+                let (reply, _) = oneshot::channel();
+                let _ = queue.try_send(Pending {
+                    op: Op::Wake,
+                    reply,
+                });
+            }
+        };
+        let idle = interval.max(Duration::from_millis(10));
         let thread = std::thread::Builder::new()
             .name("amphora-checkpoint".into())
             .spawn(move || {
-                for (seq, wake) in job_rx {
-                    if done_tx.send(durable_commit(&shared.db, seq)).is_err() {
-                        break;
-                    }
-                    // Wake the writer if it waits for work, so it retires the
-                    // overlay now; a full queue means it is busy and will look.
-                    if let Some(queue) = wake.upgrade() {
-                        let (reply, _) = oneshot::channel();
-                        let _ = queue.try_send(Pending {
-                            op: Op::Wake,
-                            reply,
-                        });
+                loop {
+                    match job_rx.recv_timeout(idle) {
+                        Ok(job) => {
+                            let result = durable_commit(&shared.db, &job);
+                            drop(job.wake);
+                            if done_tx.send(result).is_err() {
+                                break;
+                            }
+                            wake_writer();
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            if shared.unsettled.load(Ordering::Acquire) {
+                                wake_writer();
+                            }
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                     }
                 }
             })
@@ -666,17 +725,18 @@ impl Checkpointer {
         Ok(Checkpointer {
             jobs: Some(jobs),
             done,
-            seq: 0,
+            running: None,
             thread: Some(thread),
         })
     }
 
-    fn start(&mut self, seq: u64, wake: mpsc::WeakSender<Pending>) -> Result<()> {
+    fn start(&mut self, job: CheckpointJob) -> Result<()> {
+        let seq = job.seq;
         self.jobs
             .as_ref()
-            .and_then(|jobs| jobs.send((seq, wake)).ok())
+            .and_then(|jobs| jobs.send(job).ok())
             .ok_or_else(|| StoreError::Unavailable("the checkpoint thread is gone".into()))?;
-        self.seq = seq;
+        self.running = Some(seq);
         Ok(())
     }
 
@@ -689,16 +749,33 @@ impl Checkpointer {
     }
 }
 
-/// Makes every committed batch durable in the B-tree: a commit that records the
-/// last logged batch and, with redb's default durability, flushes every buffered
-/// page and fsyncs.
-fn durable_commit(db: &Database, seq: u64) -> Result<()> {
+/// Applies a job's changes and makes every committed batch durable in the B-tree:
+/// one commit with redb's default durability, which flushes every buffered page and
+/// fsyncs.
+fn durable_commit(db: &Database, job: &CheckpointJob) -> Result<()> {
     let txn = db.begin_write().map_err(backend)?;
-    {
-        let mut meta = txn.open_table(META).map_err(backend)?;
-        meta.insert("batch_seq", seq).map_err(backend)?;
+    if let Some(changes) = &job.changes {
+        RedbTables::open(&txn)?.apply(&crate::overlay::read(changes))?;
     }
+    write_meta(&txn, job.revision, job.next_lease, job.seq, None)?;
     txn.commit().map_err(backend)
+}
+
+fn write_meta(
+    txn: &redb::WriteTransaction,
+    revision: Revision,
+    next_lease: LeaseId,
+    seq: u64,
+    compacted: Option<Revision>,
+) -> Result<()> {
+    let mut meta = txn.open_table(META).map_err(backend)?;
+    meta.insert("revision", revision).map_err(backend)?;
+    meta.insert("next_lease", next_lease).map_err(backend)?;
+    if let Some(c) = compacted {
+        meta.insert("compacted", c).map_err(backend)?;
+    }
+    meta.insert("batch_seq", seq).map_err(backend)?;
+    Ok(())
 }
 
 /// Tables of the current write transaction.
@@ -826,9 +903,6 @@ impl Writer {
             }
             batch.retain(|p| !matches!(p.op, Op::Wake));
             self.settle_checkpoint(false);
-            if batch.is_empty() {
-                continue;
-            }
             if let Some(pos) = batch.iter().position(|p| matches!(p.op, Op::Shutdown)) {
                 // Later operations in this batch were sent after close began: refuse them.
                 stopping = true;
@@ -838,10 +912,12 @@ impl Writer {
                         .send(Err(StoreError::Unavailable("the store is closing".into())));
                 }
             }
-            self.commit_batch(batch);
+            if !batch.is_empty() {
+                self.commit_batch(batch);
+            }
+            self.maybe_checkpoint();
         }
-        self.settle_checkpoint(true);
-        if let Err(e) = self.checkpoint() {
+        if let Err(e) = self.flush().and_then(|()| self.checkpoint()) {
             tracing::error!(error = %e, "final checkpoint failed; the write-ahead log keeps every write");
         }
         self.checkpointer.stop();
@@ -858,12 +934,6 @@ impl Writer {
         let before = (self.revision, self.next_lease);
         let mut events = Vec::new();
         let ops: Vec<&Op> = batch.iter().map(|p| &p.op).collect();
-        if let Some(overlay) = &self.overlay
-            && (!ops.iter().all(|op| overlay_can_take(op))
-                || overlay.bytes() as u64 >= self.options.checkpoint_bytes)
-        {
-            self.settle_checkpoint(true);
-        }
         let applied = if self.poisoned {
             Err(StoreError::Unavailable(
                 "the store failed after logging a batch; restart to recover from the write-ahead log".into(),
@@ -909,40 +979,57 @@ impl Writer {
                 duration: started.elapsed(),
             });
         }
+    }
+
+    /// Starts a checkpoint if one is due and none runs.
+    fn maybe_checkpoint(&mut self) {
+        let pending = self.overlay.as_ref().map(|o| o.bytes() as u64);
+        let unsettled = pending.is_some() || self.wal.len() > 0;
         let due = self.wal.len() >= self.options.checkpoint_bytes
-            || (self.wal.len() > 0
-                && self.last_checkpoint.elapsed() >= self.options.checkpoint_interval);
+            || pending.is_some_and(|bytes| bytes >= self.options.checkpoint_bytes)
+            || (unsettled && self.last_checkpoint.elapsed() >= self.options.checkpoint_interval);
         if due
-            && self.overlay.is_none()
+            && self.checkpointer.running.is_none()
             && !self.poisoned
             && let Err(e) = self.start_checkpoint()
         {
             tracing::error!(error = %e, "starting a checkpoint failed; the write-ahead log keeps every write");
         }
+        self.shared.unsettled.store(
+            self.overlay.is_some() || self.wal.len() > 0,
+            Ordering::Release,
+        );
     }
 
-    /// Starts a checkpoint on its thread and publishes an overlay for the batches
-    /// that come in while it runs.
+    /// Hands the overlay's changes to the checkpoint thread, which applies them to
+    /// redb and makes everything durable; batches from now on go to a new layer.
     fn start_checkpoint(&mut self) -> Result<()> {
-        let overlay = Arc::new(Overlay::new(&self.read_base()?)?);
         self.wal
             .switch()
             .map_err(|e| StoreError::Io(format!("switching the write-ahead log: {e}")))?;
-        self.checkpointer.start(self.seq, self.wake.clone())?;
-        self.shared.publish(Some(overlay.clone()));
-        self.overlay = Some(overlay);
-        Ok(())
-    }
-
-    fn read_base(&self) -> Result<redb::ReadTransaction> {
-        self.shared.db.begin_read().map_err(backend)
+        let frozen = self.overlay.as_ref().map(|o| o.current.clone());
+        if let Some(old) = &self.overlay {
+            let overlay = Arc::new(Overlay::new(
+                old.base().clone(),
+                frozen.clone(),
+                Layer::default(),
+            ));
+            self.shared.publish(Some(overlay.clone()));
+            self.overlay = Some(overlay);
+        }
+        self.checkpointer.start(CheckpointJob {
+            changes: frozen,
+            revision: self.revision,
+            next_lease: self.next_lease,
+            seq: self.seq,
+            wake: self.wake.clone(),
+        })
     }
 
     /// If a checkpoint runs and is done (or, with `wait`, once it is): lets the log
-    /// go of what it made durable, commits the overlay's changes to redb and
-    /// retires the overlay.
+    /// go of what it made durable and rebases the overlay on redb as it now is.
     fn settle_checkpoint(&mut self, wait: bool) {
-        let Some(overlay) = self.overlay.clone() else {
+        let Some(seq) = self.checkpointer.running else {
             return;
         };
         let done = if wait {
@@ -954,47 +1041,90 @@ impl Writer {
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
             }
         };
-        match done {
-            Some(Ok(())) => {
-                self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = self.wal.release(self.checkpointer.seq) {
-                    tracing::warn!(error = %e, "the write-ahead log could not be emptied");
-                }
-                self.last_checkpoint = Instant::now();
+        self.checkpointer.running = None;
+        let result = match done {
+            Some(result) => result,
+            None => Err(StoreError::Unavailable(
+                "the checkpoint thread is gone".into(),
+            )),
+        };
+        let rebased = result.and_then(|()| {
+            self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
+            self.last_checkpoint = Instant::now();
+            if let Err(e) = self.wal.release(seq) {
+                tracing::warn!(error = %e, "the write-ahead log could not be emptied");
             }
-            Some(Err(e)) => {
-                tracing::error!(error = %e, "checkpoint failed; the write-ahead log keeps every write");
+            let Some(old) = self.overlay.take() else {
+                return Ok(());
+            };
+            if crate::overlay::read(&old.current).is_empty() {
+                self.shared.publish(None);
+                return Ok(());
             }
-            None => tracing::error!("the checkpoint thread is gone"),
-        }
-        self.overlay = None;
-        let committed = (|| {
-            let mut txn = self.shared.db.begin_write().map_err(backend)?;
-            txn.set_durability(redb::Durability::None)
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            RedbTables::open(&txn)?
-                .apply(&overlay.changes.read().unwrap_or_else(|e| e.into_inner()))?;
-            self.write_meta(&txn, None)?;
-            txn.commit().map_err(backend)
-        })();
-        match committed {
-            // Readers that still hold the overlay see the same state redb now has.
-            Ok(()) => self.shared.publish(None),
-            Err(e) => {
-                // Readers keep the overlay, which the log backs; writes stop.
-                tracing::error!(error = %e, "applying the overlay failed; restart to recover from the write-ahead log");
-                self.poisoned = true;
-            }
+            // Readers that still hold the old overlay see the same state: the frozen
+            // layer is in redb now.
+            let overlay = Arc::new(Overlay::new(
+                Base::open(&self.read_base()?)?,
+                None,
+                old.current.clone(),
+            ));
+            self.shared.publish(Some(overlay.clone()));
+            self.overlay = Some(overlay);
+            Ok(())
+        });
+        if let Err(e) = rebased {
+            // The published overlay stays as it is for readers; writes stop.
+            tracing::error!(error = %e, "checkpoint failed; restart to recover from the write-ahead log");
+            self.poisoned = true;
         }
     }
 
+    /// Puts every acknowledged write in redb (waiting for a running checkpoint) and
+    /// retires the overlay, so the writer can use a redb write transaction.
+    fn flush(&mut self) -> Result<()> {
+        self.settle_checkpoint(true);
+        if self.poisoned {
+            return Err(StoreError::Unavailable(
+                "the store failed; restart to recover from the write-ahead log".into(),
+            ));
+        }
+        let Some(overlay) = self.overlay.clone() else {
+            return Ok(());
+        };
+        let mut txn = self.shared.db.begin_write().map_err(backend)?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        RedbTables::open(&txn)?.apply(&crate::overlay::read(&overlay.current))?;
+        write_meta(&txn, self.revision, self.next_lease, self.seq, None)?;
+        if let Err(e) = txn.commit() {
+            self.poisoned = true;
+            return Err(backend(e));
+        }
+        self.shared.publish(None);
+        self.overlay = None;
+        Ok(())
+    }
+
+    fn read_base(&self) -> Result<redb::ReadTransaction> {
+        self.shared.db.begin_read().map_err(backend)
+    }
+
     /// Makes every committed batch durable in the B-tree, then empties the log, here
-    /// and now (at open and at close, with no overlay published).
+    /// and now (at open and at close, after a flush).
     fn checkpoint(&mut self) -> Result<()> {
         self.wal
             .switch()
             .map_err(|e| StoreError::Io(format!("switching the write-ahead log: {e}")))?;
-        durable_commit(&self.shared.db, self.seq)?;
+        durable_commit(
+            &self.shared.db,
+            &CheckpointJob {
+                changes: None,
+                revision: self.revision,
+                next_lease: self.next_lease,
+                seq: self.seq,
+                wake: self.wake.clone(),
+            },
+        )?;
         self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.wal
             .release_now(self.seq)
@@ -1030,10 +1160,10 @@ impl Writer {
         Ok(())
     }
 
-    /// Decides a batch against redb (a write transaction) or the overlay, waits for
-    /// its log record, and publishes it. The outer error fails the whole batch
-    /// (nothing was published); inner errors belong to single operations that
-    /// changed nothing.
+    /// Decides a batch against the overlay (puts and deletes) or a redb write
+    /// transaction (anything else, after a flush; and replay), waits for its log
+    /// record, and publishes it. The outer error fails the whole batch (nothing was
+    /// published); inner errors belong to single operations that changed nothing.
     #[allow(clippy::type_complexity)]
     fn apply(
         &mut self,
@@ -1042,7 +1172,13 @@ impl Writer {
         events: &mut Vec<Event>,
         log: Option<Vec<u8>>,
     ) -> Result<(Vec<Result<Outcome>>, Option<Revision>)> {
-        let overlay = self.overlay.clone();
+        let logged = log.is_some();
+        let overlay = if logged && batch.iter().all(|op| overlay_can_take(op)) {
+            Some(self.open_overlay()?)
+        } else {
+            self.flush()?;
+            None
+        };
         let txn = match &overlay {
             Some(_) => None,
             None => {
@@ -1054,7 +1190,6 @@ impl Writer {
         };
         // The log append and its fsync run on the log's thread while this one decides
         // the batch: the two costs overlap instead of adding up.
-        let logged = log.is_some();
         if let Some(payload) = log {
             self.wal.start(self.seq, now, payload);
         }
@@ -1107,6 +1242,22 @@ impl Writer {
             return Err(e);
         }
         Ok((outcomes, compacted))
+    }
+
+    /// The overlay to decide the next batch against, published first if there was
+    /// none (its base is redb as it is: the writer has committed everything).
+    fn open_overlay(&mut self) -> Result<Arc<Overlay>> {
+        if let Some(overlay) = &self.overlay {
+            return Ok(overlay.clone());
+        }
+        let overlay = Arc::new(Overlay::new(
+            Base::open(&self.read_base()?)?,
+            None,
+            Layer::default(),
+        ));
+        self.shared.publish(Some(overlay.clone()));
+        self.overlay = Some(overlay.clone());
+        Ok(overlay)
     }
 
     /// Decides `batch`'s puts and deletes against `t`; `other` runs the rest.
@@ -1163,20 +1314,8 @@ impl Writer {
                 }
             })?
         };
-        self.write_meta(txn, compacted)?;
+        write_meta(txn, self.revision, self.next_lease, self.seq, compacted)?;
         Ok((outcomes, compacted))
-    }
-
-    fn write_meta(&self, txn: &redb::WriteTransaction, compacted: Option<Revision>) -> Result<()> {
-        let mut meta = txn.open_table(META).map_err(backend)?;
-        meta.insert("revision", self.revision).map_err(backend)?;
-        meta.insert("next_lease", self.next_lease)
-            .map_err(backend)?;
-        if let Some(c) = compacted {
-            meta.insert("compacted", c).map_err(backend)?;
-        }
-        meta.insert("batch_seq", self.seq).map_err(backend)?;
-        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
