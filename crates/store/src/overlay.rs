@@ -146,12 +146,12 @@ impl Overlay {
         std::iter::once(&self.current).chain(self.frozen.as_ref())
     }
 
-    /// Merges a logged batch's changes into the current layer.
-    pub(crate) fn merge(&self, batch: Changes) {
-        self.current
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .merge(batch);
+    /// Merges a logged batch's changes into the current layer; answers the layer's
+    /// size after.
+    pub(crate) fn merge(&self, batch: Changes) -> usize {
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        current.merge(batch);
+        current.bytes
     }
 
     /// Memory the current layer takes, about.

@@ -107,6 +107,7 @@ struct Shared {
     overlay_epoch: AtomicU64,
     checkpoints: AtomicU64,
     overlay_batches: AtomicU64,
+    overlay_peak: AtomicU64,
     /// Set while some acknowledged writes are not durable in redb yet: the
     /// checkpoint thread then wakes an idle writer to make them so.
     unsettled: std::sync::atomic::AtomicBool,
@@ -117,8 +118,10 @@ struct Shared {
 pub struct CheckpointStats {
     /// Checkpoints made durable.
     pub checkpoints: u64,
-    /// Batches decided against an overlay while a checkpoint ran.
+    /// Batches decided against the overlay.
     pub overlay_batches: u64,
+    /// The most memory one layer of the overlay took, about, in bytes.
+    pub overlay_peak_bytes: u64,
 }
 
 impl Shared {
@@ -344,6 +347,7 @@ impl RedbStore {
             overlay_epoch: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             overlay_batches: AtomicU64::new(0),
+            overlay_peak: AtomicU64::new(0),
             unsettled: std::sync::atomic::AtomicBool::new(false),
         });
         let (wal, records) = Wal::open(&path.with_extension("wal"))
@@ -420,6 +424,7 @@ impl RedbStore {
         CheckpointStats {
             checkpoints: self.shared.checkpoints.load(Ordering::Relaxed),
             overlay_batches: self.shared.overlay_batches.load(Ordering::Relaxed),
+            overlay_peak_bytes: self.shared.overlay_peak.load(Ordering::Relaxed),
         }
     }
 
@@ -1173,6 +1178,16 @@ impl Writer {
         log: Option<Vec<u8>>,
     ) -> Result<(Vec<Result<Outcome>>, Option<Revision>)> {
         let logged = log.is_some();
+        if self
+            .overlay
+            .as_ref()
+            .is_some_and(|o| o.bytes() as u64 >= self.options.checkpoint_bytes)
+        {
+            // The overlay's memory is bounded: past `checkpoint_bytes`, wait for the
+            // running checkpoint and hand the overlay to the next one.
+            self.settle_checkpoint(true);
+            self.maybe_checkpoint();
+        }
         let overlay = if logged && batch.iter().all(|op| overlay_can_take(op)) {
             Some(self.open_overlay()?)
         } else {
@@ -1231,8 +1246,9 @@ impl Writer {
         let published = match staged {
             Staged::Redb(txn) => txn.commit().map_err(backend),
             Staged::Overlay(overlay, changes) => {
-                overlay.merge(changes);
+                let bytes = overlay.merge(changes) as u64;
                 self.shared.overlay_batches.fetch_add(1, Ordering::Relaxed);
+                self.shared.overlay_peak.fetch_max(bytes, Ordering::Relaxed);
                 Ok(())
             }
         };

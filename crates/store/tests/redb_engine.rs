@@ -85,6 +85,43 @@ proptest! {
     }
 }
 
+/// With a tiny `checkpoint_bytes` and no timed checkpoints, the overlay's size alone
+/// starts checkpoints (the writer waits for a running one rather than grow the
+/// overlay), and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overlay_is_bounded_by_checkpoint_bytes() {
+    use amphora_store::{Condition, Put, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let options = RedbOptions {
+        checkpoint_interval: std::time::Duration::from_secs(3600),
+        checkpoint_bytes: 8 * 1024,
+        max_batch: 16,
+        ..RedbOptions::default()
+    };
+    let store = RedbStore::open(&dir.path().join("test.redb"), options).unwrap();
+    let writes: Vec<_> = (0..1000u32)
+        .map(|i| {
+            let key = format!("k{:03}", i % 300).into_bytes();
+            store.put(Put::new(key, vec![b'v'; 100], Condition::None))
+        })
+        .collect();
+    for w in futures_like_join(writes).await {
+        w.unwrap();
+    }
+    // About 400 KB of changes, in layers of at most 8 KB and one batch of 16 puts.
+    let stats = store.checkpoint_stats();
+    assert!(stats.checkpoints >= 5, "{stats:?}");
+    assert!(stats.overlay_peak_bytes > 0, "{stats:?}");
+    assert!(
+        stats.overlay_peak_bytes <= 8 * 1024 + 16 * 1024,
+        "{stats:?}"
+    );
+    assert_eq!(store.revision().await.unwrap(), 1000);
+    assert_eq!(store.entry_count().await.unwrap(), 300);
+    assert_eq!(store.changes(1, 2000).await.unwrap().len(), 1000);
+    store.close().await.unwrap();
+}
+
 /// Under a steady stream of writes with a checkpoint after every batch, batches are
 /// decided against the overlay, and what they wrote survives a reopen (the overlay
 /// applied to redb and the log replayed).
