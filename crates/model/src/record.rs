@@ -67,6 +67,15 @@ impl Record {
         })
     }
 
+    /// [`Record::decode`], reusing `bytes` for the value instead of copying it.
+    pub fn decode_owned(mut bytes: Vec<u8>) -> Result<Self, ModelError> {
+        let mut record = Record::decode(bytes.get(..HEADER).unwrap_or(&bytes))?;
+        bytes.drain(..HEADER);
+        record.value = String::from_utf8(bytes)
+            .map_err(|_| ModelError::Corrupted("record value is not UTF-8"))?;
+        Ok(record)
+    }
+
     /// True when `read` is this entry's read token hash.
     pub fn readable_with(&self, read: &TokenHash) -> bool {
         self.read_hash.matches(read)
@@ -115,12 +124,18 @@ mod tests {
             prop_assert_eq!(back.updated_at_ms, u);
             prop_assert_eq!(back.read_hash.0, r);
             prop_assert_eq!(back.write_hash.0, w);
-            prop_assert_eq!(back.value, rec.value);
+            let owned = Record::decode_owned(rec.encode()).unwrap();
+            prop_assert_eq!(&back.value, &rec.value);
+            prop_assert_eq!(owned.value, rec.value);
+            prop_assert_eq!(owned.created_at_ms, c);
+            prop_assert_eq!(owned.read_hash.0, r);
         }
 
         #[test]
         fn never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = Record::decode(&bytes);
+            let borrowed = Record::decode(&bytes).map(|r| r.value);
+            let owned = Record::decode_owned(bytes).map(|r| r.value);
+            prop_assert_eq!(borrowed, owned);
         }
     }
 

@@ -87,6 +87,18 @@ impl FromRequestParts<Shared> for EntryTarget {
     }
 }
 
+/// The read token from its header (without copying the other headers, as the
+/// `HeaderMap` extractor would).
+pub struct ReadToken(String);
+
+impl FromRequestParts<Shared> for ReadToken {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &Shared) -> Result<Self, ApiError> {
+        header_token(&parts.headers, READ_TOKEN).map(|t| ReadToken(t.to_owned()))
+    }
+}
+
 /// Both tokens from the headers.
 fn token_pair(headers: &HeaderMap) -> Result<(&str, &str), ApiError> {
     Ok((
@@ -100,7 +112,7 @@ struct EntryBody<'a> {
     context: &'a str,
     family: &'a str,
     key: &'a str,
-    value: Box<RawValue>,
+    value: &'a RawValue,
     revision: u64,
     created_at: String,
     updated_at: String,
@@ -114,7 +126,7 @@ struct ListBody<'a> {
 }
 
 fn entry_body(e: &Entry) -> Result<EntryBody<'_>, ApiError> {
-    let value = RawValue::from_string(e.value.clone())
+    let value: &RawValue = serde_json::from_str(&e.value)
         .map_err(|err| ApiError::Internal(format!("stored value is not JSON: {err}")))?;
     Ok(EntryBody {
         context: &e.key.context,
@@ -137,12 +149,11 @@ pub async fn get(
     State(state): State<Shared>,
     NativeCaller(caller): NativeCaller,
     EntryTarget { key, .. }: EntryTarget,
-    headers: HeaderMap,
+    ReadToken(read): ReadToken,
 ) -> Result<Response, ApiError> {
-    let read = header_token(&headers, READ_TOKEN)?;
     let entry = state
         .service
-        .read(&caller, &key, read)
+        .read(&caller, &key, &read)
         .await?
         .ok_or(ApiError::NotFound)?;
     let mut response = Json(entry_body(&entry)?).into_response();

@@ -378,12 +378,15 @@ impl Service {
     /// Decodes a stored entry; `None` when idle expiry has already claimed it.
     fn live(&self, kv: &KeyValue, now: u64) -> Result<Option<Record>, ApiError> {
         let record = Record::decode(&kv.value).map_err(corrupted)?;
-        if let Some(idle) = &self.idle
-            && idle.expired(&kv.key, record.updated_at_ms, now)
-        {
-            return Ok(None);
-        }
-        Ok(Some(record))
+        Ok(self.is_live(kv, &record, now).then_some(record))
+    }
+
+    /// False when the idle policy has expired the entry.
+    fn is_live(&self, kv: &KeyValue, record: &Record, now: u64) -> bool {
+        !self
+            .idle
+            .as_ref()
+            .is_some_and(|idle| idle.expired(&kv.key, record.updated_at_ms, now))
     }
 
     fn touch(&self, key: &[u8], now: u64) {
@@ -438,12 +441,14 @@ impl Service {
         let read = self.token(TokenRole::Read, read)?;
         let encoded = key.encode();
         let now = now_ms();
-        let Some(kv) = self.store.get(&encoded).await? else {
+        let Some(mut kv) = self.store.get(&encoded).await? else {
             return Ok(Lookup::Absent);
         };
-        let Some(record) = self.live(&kv, now)? else {
+        // The value moves into the record (a read copies it once less).
+        let record = Record::decode_owned(std::mem::take(&mut kv.value)).map_err(corrupted)?;
+        if !self.is_live(&kv, &record, now) {
             return Ok(Lookup::Absent);
-        };
+        }
         if !record.readable_with(&read) {
             return Ok(Lookup::WrongToken);
         }
