@@ -55,12 +55,12 @@ pub struct ServeOptions {
     pub history_retention: Option<Duration>,
 
     /// Memory for the store's page cache and write buffer, in bytes
-    /// [default: 16777216].
+    /// [default: 33554432].
     #[arg(long, env = "AMPHORA_STORE_CACHE_BYTES", value_name = "BYTES")]
     pub store_cache_bytes: Option<usize>,
 
     /// Memory for the entry cache, which answers reads of recently read entries
-    /// without the B-tree (0 turns it off) [default: 58720256].
+    /// without the B-tree (0 turns it off) [default: 41943040].
     #[arg(long, env = "AMPHORA_ENTRY_CACHE_BYTES", value_name = "BYTES")]
     pub entry_cache_bytes: Option<usize>,
 
@@ -328,8 +328,8 @@ impl ServeOptions {
             max_enumerate: o.max_enumerate.unwrap_or(100_000),
             max_watchers: o.max_watchers.unwrap_or(65_536).max(1),
             max_watchers_per_client: o.max_watchers_per_client.unwrap_or(1024).max(1),
-            store_cache_bytes: o.store_cache_bytes.unwrap_or(16 * 1024 * 1024),
-            entry_cache_bytes: o.entry_cache_bytes.unwrap_or(56 * 1024 * 1024),
+            store_cache_bytes: o.store_cache_bytes.unwrap_or(32 * 1024 * 1024),
+            entry_cache_bytes: o.entry_cache_bytes.unwrap_or(40 * 1024 * 1024),
             checkpoint_interval: o.checkpoint_interval.unwrap_or(Duration::from_millis(50)),
             log_format: o.log_format.unwrap_or_default(),
             tls,

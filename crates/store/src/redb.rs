@@ -80,8 +80,8 @@ impl Default for RedbOptions {
             queue_capacity: 16 * 1024,
             compaction_step: 10_000,
             on_commit: None,
-            cache_bytes: 16 * 1024 * 1024,
-            entry_cache_bytes: 56 * 1024 * 1024,
+            cache_bytes: 32 * 1024 * 1024,
+            entry_cache_bytes: 40 * 1024 * 1024,
             checkpoint_interval: Duration::from_millis(50),
             checkpoint_bytes: 64 * 1024 * 1024,
         }
