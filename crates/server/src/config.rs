@@ -65,7 +65,7 @@ pub struct ServeOptions {
     pub entry_cache_bytes: Option<usize>,
 
     /// How often the store's B-tree is made durable; between checkpoints the
-    /// write-ahead log holds every acknowledged write [default: 50ms].
+    /// write-ahead log holds every acknowledged write [default: 20ms].
     #[arg(long, env = "AMPHORA_CHECKPOINT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, deserialize_with = "duration::opt")]
     pub checkpoint_interval: Option<Duration>,
@@ -330,7 +330,7 @@ impl ServeOptions {
             max_watchers_per_client: o.max_watchers_per_client.unwrap_or(1024).max(1),
             store_cache_bytes: o.store_cache_bytes.unwrap_or(32 * 1024 * 1024),
             entry_cache_bytes: o.entry_cache_bytes.unwrap_or(40 * 1024 * 1024),
-            checkpoint_interval: o.checkpoint_interval.unwrap_or(Duration::from_millis(50)),
+            checkpoint_interval: o.checkpoint_interval.unwrap_or(Duration::from_millis(20)),
             log_format: o.log_format.unwrap_or_default(),
             tls,
             check_client_cert,

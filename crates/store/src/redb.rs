@@ -82,7 +82,7 @@ impl Default for RedbOptions {
             on_commit: None,
             cache_bytes: 32 * 1024 * 1024,
             entry_cache_bytes: 40 * 1024 * 1024,
-            checkpoint_interval: Duration::from_millis(50),
+            checkpoint_interval: Duration::from_millis(20),
             checkpoint_bytes: 64 * 1024 * 1024,
         }
     }

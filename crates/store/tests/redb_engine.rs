@@ -8,8 +8,8 @@ fn open(dir: &tempfile::TempDir) -> RedbStore {
     RedbStore::open(&dir.path().join("test.redb"), RedbOptions::default()).expect("open store")
 }
 
-/// A checkpoint starts after every batch: most batches are decided against the
-/// overlay, and every lease operation or compaction waits for a checkpoint.
+/// A checkpoint starts after every batch: batches meet frozen layers, rebases and
+/// retired overlays, and lease operations and compactions meet running checkpoints.
 fn constant_checkpoints() -> RedbOptions {
     RedbOptions {
         checkpoint_interval: std::time::Duration::ZERO,
@@ -75,7 +75,7 @@ proptest! {
     }
 
     /// The same with a checkpoint after every batch, so that reads and writes meet
-    /// the overlay.
+    /// every state of the overlay.
     #[test]
     fn redb_with_constant_checkpoints_matches_btreemap_model(ops in testkit::ops()) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -122,9 +122,9 @@ async fn the_overlay_is_bounded_by_checkpoint_bytes() {
     store.close().await.unwrap();
 }
 
-/// Under a steady stream of writes with a checkpoint after every batch, batches are
-/// decided against the overlay, and what they wrote survives a reopen (the overlay
-/// applied to redb and the log replayed).
+/// Under a steady stream of writes with a checkpoint after every batch, what the
+/// overlay batches wrote survives a reopen (the overlay applied to redb and the log
+/// replayed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlay_batches_survive_a_reopen() {
     use amphora_store::{Condition, Put, Store};
