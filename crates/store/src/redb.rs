@@ -428,8 +428,8 @@ impl RedbStore {
         }
     }
 
-    /// The published overlay, if a checkpoint is running (or its changes are not
-    /// in redb yet).
+    /// The published overlay: there is one while some acknowledged writes are not
+    /// in redb yet.
     fn overlay(&self) -> Option<Arc<Overlay>> {
         if self
             .shared
