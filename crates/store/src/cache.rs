@@ -22,19 +22,25 @@
 //! The cache holds at most its byte budget; past it, arbitrary entries of the
 //! shard are dropped (random replacement: as good as LRU on uniform keys, and
 //! nothing to update on a hit, so hits take only the shard's read lock).
+//!
+//! An entry is one allocation (revisions, key and value together) behind a 16-byte
+//! slot of the shard's set, and it is counted as what the allocator hands out for
+//! it (see [`cost`]).
 
 use crate::{CacheStats, KeyValue, Revision};
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::borrow::Borrow;
+use std::collections::HashSet;
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 const SHARDS: usize = 256;
-/// Bytes counted for one entry beyond its key and value: the map slot (48 bytes,
-/// with the free slots a hash map keeps), two allocations, their rounding and the
-/// allocator's free space between them. Measured: a full cache of 256-byte values
-/// grows the server's resident memory by about its budget.
-const OVERHEAD: usize = 256;
+/// Bytes counted for an entry beyond its allocation: its 16-byte slot and control
+/// byte with the free slots a hash set keeps (it is between 7/16 and 7/8 full),
+/// about 22 bytes, and the allocator's free space around it. Measured: 100,000
+/// cached entries of 256-byte values grow the server's resident memory by 450 bytes
+/// each, 384 of them their allocation; they are counted 448.
+const OVERHEAD: usize = 64;
 
 /// What a reader that missed holds while it reads the B-tree.
 #[derive(Clone, Copy)]
@@ -43,22 +49,126 @@ pub(crate) struct Ticket {
     generation: u64,
 }
 
-/// A cached entry without its key (the map's key) and lease (entries with one are
-/// not cached).
-struct Cached {
-    value: Box<[u8]>,
-    create_revision: Revision,
-    mod_revision: Revision,
+/// A cached entry (entries with a lease are not cached) in one allocation: the
+/// key's length, the create and the mod revision, each a LEB128 varint, then the
+/// key and the value. Hashed and compared by its key, so the set is looked up with
+/// a key alone.
+struct Cached(Box<[u8]>);
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
 }
 
-fn cost(key: &[u8], value: &[u8]) -> usize {
-    key.len() + value.len() + OVERHEAD
+fn varint_len(v: u64) -> usize {
+    (64 - v.leading_zeros() as usize).div_ceil(7).max(1)
+}
+
+/// The varint at `*at` (written by [`put_varint`]); moves `at` past it.
+fn varint(bytes: &[u8], at: &mut usize) -> u64 {
+    let mut v = 0u64;
+    let mut shift = 0;
+    loop {
+        let b = bytes[*at];
+        *at += 1;
+        v |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return v;
+        }
+        shift += 7;
+    }
+}
+
+impl Cached {
+    fn new(kv: &KeyValue) -> Cached {
+        let len = [kv.key.len() as u64, kv.create_revision, kv.mod_revision]
+            .map(varint_len)
+            .iter()
+            .sum::<usize>()
+            + kv.key.len()
+            + kv.value.len();
+        // Exactly its size: the boxed slice is this allocation, not a copy of it.
+        let mut bytes = Vec::with_capacity(len);
+        put_varint(&mut bytes, kv.key.len() as u64);
+        put_varint(&mut bytes, kv.create_revision);
+        put_varint(&mut bytes, kv.mod_revision);
+        bytes.extend_from_slice(&kv.key);
+        bytes.extend_from_slice(&kv.value);
+        debug_assert_eq!(bytes.len(), len);
+        Cached(bytes.into_boxed_slice())
+    }
+
+    /// The revisions and where the key starts and ends.
+    fn header(&self) -> (Revision, Revision, usize, usize) {
+        let mut at = 0;
+        let key_len = varint(&self.0, &mut at) as usize;
+        let create = varint(&self.0, &mut at);
+        let modified = varint(&self.0, &mut at);
+        (create, modified, at, at + key_len)
+    }
+
+    fn key(&self) -> &[u8] {
+        let (_, _, start, end) = self.header();
+        &self.0[start..end]
+    }
+
+    fn to_key_value(&self) -> KeyValue {
+        let (create_revision, mod_revision, start, end) = self.header();
+        KeyValue {
+            key: self.0[start..end].to_vec(),
+            value: self.0[end..].to_vec(),
+            create_revision,
+            mod_revision,
+            lease: None,
+        }
+    }
+
+    fn cost(&self) -> usize {
+        cost(self.0.len())
+    }
+}
+
+impl Borrow<[u8]> for Cached {
+    fn borrow(&self) -> &[u8] {
+        self.key()
+    }
+}
+
+// Hash and Eq agree with the key's, as `Borrow` requires.
+impl Hash for Cached {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+    }
+}
+
+impl PartialEq for Cached {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for Cached {}
+
+/// Bytes counted for an entry of `len` bytes: what the allocator hands out for it
+/// (mimalloc's size classes: 8-byte steps up to 64 bytes, then four classes per
+/// doubling), plus [`OVERHEAD`].
+fn cost(len: usize) -> usize {
+    let allocated = if len <= 64 {
+        len.next_multiple_of(8)
+    } else {
+        let below = 1usize << (usize::BITS - 1 - (len - 1).leading_zeros());
+        len.next_multiple_of(below / 4)
+    };
+    allocated + OVERHEAD
 }
 
 struct Shard {
     generation: u64,
     bytes: usize,
-    entries: HashMap<Box<[u8]>, Cached>,
+    entries: HashSet<Cached>,
     // Counted under the read lock; one pair per shard keeps readers of different
     // shards off each other's cache lines.
     hits: AtomicU64,
@@ -67,8 +177,8 @@ struct Shard {
 
 impl Shard {
     fn remove(&mut self, key: &[u8]) {
-        if let Some((key, old)) = self.entries.remove_entry(key) {
-            self.bytes -= cost(&key, &old.value);
+        if let Some(old) = self.entries.take(key) {
+            self.bytes -= old.cost();
         }
     }
 }
@@ -104,7 +214,7 @@ impl EntryCache {
                     RwLock::new(Shard {
                         generation: 0,
                         bytes: 0,
-                        entries: HashMap::new(),
+                        entries: HashSet::new(),
                         hits: AtomicU64::new(0),
                         misses: AtomicU64::new(0),
                     })
@@ -137,13 +247,7 @@ impl EntryCache {
         let counter = if found.is_some() { &s.hits } else { &s.misses };
         counter.fetch_add(1, Ordering::Relaxed);
         match found {
-            Some(c) => Ok(KeyValue {
-                key: key.to_vec(),
-                value: c.value.to_vec(),
-                create_revision: c.create_revision,
-                mod_revision: c.mod_revision,
-                lease: None,
-            }),
+            Some(c) => Ok(c.to_key_value()),
             None => Err(Some(Ticket {
                 shard,
                 generation: s.generation,
@@ -155,31 +259,25 @@ impl EntryCache {
     /// shard since the ticket was taken. `kv` has no lease.
     pub(crate) fn offer(&self, ticket: Ticket, kv: &KeyValue) {
         debug_assert!(kv.lease.is_none());
-        let size = cost(&kv.key, &kv.value);
+        let entry = Cached::new(kv);
+        let size = entry.cost();
         if size > self.shard_budget {
             return;
         }
         let mut s = self.shards[ticket.shard]
             .write()
             .unwrap_or_else(|p| p.into_inner());
-        if s.generation != ticket.generation || s.entries.contains_key(kv.key.as_slice()) {
+        if s.generation != ticket.generation || s.entries.contains(kv.key.as_slice()) {
             return;
         }
         while s.bytes + size > self.shard_budget {
-            let Some(victim) = s.entries.keys().next().cloned() else {
+            let Some(victim) = s.entries.iter().next().map(|c| c.key().to_vec()) else {
                 break;
             };
             s.remove(&victim);
         }
         s.bytes += size;
-        s.entries.insert(
-            kv.key.as_slice().into(),
-            Cached {
-                value: kv.value.as_slice().into(),
-                create_revision: kv.create_revision,
-                mod_revision: kv.mod_revision,
-            },
-        );
+        s.entries.insert(entry);
     }
 
     /// What the cache holds and how often it answered.
@@ -250,7 +348,7 @@ mod tests {
         assert_eq!(cache.get(b"k").ok(), Some(kv(b"k", b"v", 7)));
         let stats = cache.stats();
         assert_eq!((stats.hits, stats.misses, stats.entries), (1, 1, 1));
-        assert_eq!(stats.bytes as usize, cost(b"k", b"v"));
+        assert_eq!(stats.bytes as usize, cost(3 + 2));
     }
 
     #[test]
@@ -296,7 +394,7 @@ mod tests {
         for s in &cache.shards {
             let s = s.read().unwrap();
             assert!(s.bytes <= budget / SHARDS);
-            let counted: usize = s.entries.iter().map(|(k, c)| cost(k, &c.value)).sum();
+            let counted: usize = s.entries.iter().map(Cached::cost).sum();
             assert_eq!(s.bytes, counted);
             held += s.entries.len();
         }
@@ -305,6 +403,48 @@ mod tests {
         let t = ticket(&cache, b"big");
         cache.offer(t, &kv(b"big", &[0; 2000], 1));
         assert!(cache.get(b"big").is_err());
+    }
+
+    #[test]
+    fn an_entry_keeps_its_revisions_key_and_value() {
+        let cache = EntryCache::new(1 << 20);
+        let entry = KeyValue {
+            key: b"ctx\0fam\0key".to_vec(),
+            value: vec![0xAB; 339],
+            create_revision: 3,
+            mod_revision: u64::MAX - 1,
+            lease: None,
+        };
+        let t = ticket(&cache, &entry.key);
+        cache.offer(t, &entry);
+        assert_eq!(cache.get(&entry.key).ok(), Some(entry));
+        // Every varint length round-trips.
+        for (i, revision) in [0, 127, 128, 16_383, 16_384, u64::MAX]
+            .into_iter()
+            .enumerate()
+        {
+            let key = vec![b'k'; 1 + i * 100];
+            let entry = kv(&key, b"value", revision);
+            let t = ticket(&cache, &key);
+            cache.offer(t, &entry);
+            assert_eq!(cache.get(&key).ok(), Some(entry));
+        }
+    }
+
+    #[test]
+    fn an_entry_is_counted_as_its_allocation_size_class() {
+        // 8-byte steps to 64 bytes, then four classes per doubling.
+        let classes = [
+            (1, 8),
+            (64, 64),
+            (65, 80),
+            (128, 128),
+            (129, 160),
+            (257, 320),
+        ];
+        for (len, class) in classes {
+            assert_eq!(cost(len), class + OVERHEAD, "{len} bytes");
+        }
     }
 
     #[test]
