@@ -6,6 +6,7 @@
 
 use dashmap::DashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// The throttle's settings.
@@ -51,6 +52,9 @@ pub enum Verdict {
 pub struct Throttle {
     settings: ThrottleSettings,
     slots: DashMap<(IpAddr, String), Slot>,
+    /// False only while `slots` is empty: lets `check` skip the map, whose
+    /// `is_empty` takes every shard's lock, when no client has failed lately.
+    tracking: AtomicBool,
 }
 
 /// Beyond this many tracked pairs, stale ones are dropped at once.
@@ -62,13 +66,14 @@ impl Throttle {
         Throttle {
             settings,
             slots: DashMap::new(),
+            tracking: AtomicBool::new(false),
         }
     }
 
     /// Judges a request of `addr` on `context` at `now_ms`.
     pub fn check(&self, addr: IpAddr, context: &str, now_ms: u64) -> Verdict {
         // The common case, no failures anywhere: no lookup key to build.
-        if self.slots.is_empty() {
+        if !self.tracking.load(Ordering::SeqCst) {
             return Verdict::Pass;
         }
         let Some(slot) = self.slots.get(&(addr, context.to_owned())).map(|s| *s) else {
@@ -100,13 +105,17 @@ impl Throttle {
             slot.first_ms = now_ms;
         }
         slot.failures += 1;
-        if slot.failures >= self.settings.max_failures {
+        let blocked = slot.failures >= self.settings.max_failures;
+        if blocked {
             slot.blocked_until_ms = now_ms + self.settings.block.as_millis() as u64;
             slot.failures = 0;
             slot.first_ms = now_ms;
-            return true;
         }
-        false
+        drop(slot);
+        // After the slot is in the map: `prune` clears the flag only when it finds
+        // the map empty after clearing it, so the flag is never left false beside a slot.
+        self.tracking.store(true, Ordering::SeqCst);
+        blocked
     }
 
     /// Forgets pairs that are neither blocked nor within their window.
@@ -115,6 +124,12 @@ impl Throttle {
         self.slots.retain(|_, s| {
             s.blocked_until_ms > now_ms || now_ms.saturating_sub(s.first_ms) <= window
         });
+        if self.slots.is_empty() {
+            self.tracking.store(false, Ordering::SeqCst);
+            if !self.slots.is_empty() {
+                self.tracking.store(true, Ordering::SeqCst);
+            }
+        }
     }
 }
 
@@ -153,5 +168,13 @@ mod tests {
         assert_eq!(t.check(a, "c", 5_004), Verdict::Pass);
         t.prune(20_000);
         assert_eq!(t.slots.len(), 0);
+        assert!(!t.tracking.load(Ordering::SeqCst));
+        // Failures are counted again after the map was emptied.
+        assert!(!t.fail(a, "c", 20_001));
+        assert!(!t.fail(a, "c", 20_002));
+        assert_eq!(
+            t.check(a, "c", 20_003),
+            Verdict::Slow(Duration::from_millis(200))
+        );
     }
 }

@@ -345,6 +345,9 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
         "amphora_entry_cache_hits_total 2",
         "amphora_entry_cache_misses_total 2",
         "amphora_entry_cache_entries 1",
+        "amphora_http_request_duration_seconds_count{endpoint=\"kv_entry\"} ",
+        // Every endpoint's series exists from the start.
+        "amphora_http_request_duration_seconds_count{endpoint=\"kv_history\"} 0",
     ] {
         assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
     }
@@ -359,6 +362,24 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
         s.log_text().contains("trace-me-42"),
         "request id reaches the log"
     );
+    // Without one (or with one too long to keep), each response has an id of its own.
+    let mut ids = Vec::new();
+    for given in [None, None, Some("x".repeat(65))] {
+        let mut req = c.get(s.url("/healthz"));
+        if let Some(g) = given {
+            req = req.header("x-request-id", g);
+        }
+        let r = req.send().await.unwrap();
+        let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+        assert!(
+            id.len() >= 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
+        ids.push(id);
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "{ids:?}");
 
     let status = s
         .terminate(Duration::from_secs(15))
