@@ -28,7 +28,42 @@ const MAX_PAGE: usize = 1000;
 const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 pub(crate) fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    Rfc3339(ms).to_string()
+}
+
+/// A time in milliseconds since the epoch, shown and serialized as RFC 3339 with
+/// milliseconds; serialized straight into the output, without a `String` of its own.
+#[derive(Clone, Copy)]
+pub(crate) struct Rfc3339(pub u64);
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(self.0)).fmt(f)
+    }
+}
+
+impl Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Room for an entry's body beyond its value and names: the field names, three
+/// timestamps and a revision (about 170 bytes).
+const ENTRY_BODY_EXTRA: usize = 192;
+
+/// A `200 OK` JSON response, serialized into one buffer allocated at about the
+/// right size (`Json` grows its buffer from 128 bytes).
+fn json_ok<T: Serialize>(body: &T, size_hint: usize) -> Result<Response, ApiError> {
+    let mut buf = Vec::with_capacity(size_hint);
+    serde_json::to_writer(&mut buf, body)
+        .map_err(|e| ApiError::Internal(format!("cannot serialize a response: {e}")))?;
+    let mut response = Response::new(Body::from(buf));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(response)
 }
 
 pub(crate) fn header_token<'h>(
@@ -114,9 +149,9 @@ struct EntryBody<'a> {
     key: &'a str,
     value: &'a RawValue,
     revision: u64,
-    created_at: String,
-    updated_at: String,
-    expires_at: Option<String>,
+    created_at: Rfc3339,
+    updated_at: Rfc3339,
+    expires_at: Option<Rfc3339>,
 }
 
 #[derive(Serialize)]
@@ -134,10 +169,16 @@ fn entry_body(e: &Entry) -> Result<EntryBody<'_>, ApiError> {
         key: &e.key.key,
         value,
         revision: e.revision,
-        created_at: rfc3339(e.created_at_ms),
-        updated_at: rfc3339(e.updated_at_ms),
-        expires_at: e.expires_at_ms.map(rfc3339),
+        created_at: Rfc3339(e.created_at_ms),
+        updated_at: Rfc3339(e.updated_at_ms),
+        expires_at: e.expires_at_ms.map(Rfc3339),
     })
+}
+
+/// What an entry's body is likely to take, for [`json_ok`].
+fn entry_size(e: &Entry) -> usize {
+    let k = &e.key;
+    e.value.len() + k.context.len() + k.family.len() + k.key.len() + ENTRY_BODY_EXTRA
 }
 
 fn etag(revision: u64) -> HeaderValue {
@@ -156,7 +197,7 @@ pub async fn get(
         .read(&caller, &key, &read)
         .await?
         .ok_or(ApiError::NotFound)?;
-    let mut response = Json(entry_body(&entry)?).into_response();
+    let mut response = json_ok(&entry_body(&entry)?, entry_size(&entry))?;
     response
         .headers_mut()
         .insert(header::ETAG, etag(entry.revision));
@@ -366,7 +407,8 @@ pub async fn list(
         .map(|k| hex(k.strip_prefix(prefix).unwrap_or(&k)));
     // Serialized straight from the borrowed bodies: `json!` would first build a
     // tree of every entry, parsing each stored value again.
-    Ok(Json(ListBody { entries, next }).into_response())
+    let size = listing.entries.iter().map(entry_size).sum::<usize>() + 64;
+    json_ok(&ListBody { entries, next }, size)
 }
 
 /// `GET /v1/kv/{context}/{family}/{key}/history`: recent changes, deletions included.
@@ -427,5 +469,25 @@ mod tests {
         assert_eq!(unhex(&hex(&k)), Some(k));
         assert_eq!(unhex("abc"), None);
         assert_eq!(unhex("zz"), None);
+    }
+
+    #[test]
+    fn times_serialize_as_rfc3339_with_milliseconds() {
+        let t = Rfc3339(1_764_645_296_789);
+        assert_eq!(t.to_string(), "2025-12-02T03:14:56.789Z");
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            serde_json::to_string(&[Some(t), None]).unwrap(),
+            r#"["2025-12-02T03:14:56.789Z",null]"#
+        );
+    }
+
+    #[test]
+    fn json_ok_answers_json_whatever_the_size_hint() {
+        for hint in [0, 3, 4096] {
+            let r = json_ok(&serde_json::json!({"a": [1, 2]}), hint).unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+        }
     }
 }

@@ -22,7 +22,7 @@
 use crate::error::ApiError;
 use crate::http::{NativeCaller, Shared};
 use crate::metrics::Metrics;
-use crate::native::{READ_TOKEN, Scope, header_token, query, rfc3339};
+use crate::native::{READ_TOKEN, Rfc3339, Scope, header_token, query};
 use amphora_model::{ENTRY_NAMESPACE, EntryKey, Record, TokenHash};
 use amphora_store::{Event, EventKind, Revision, Store};
 use axum::body::{Body, Bytes};
@@ -122,8 +122,8 @@ struct PutData<'a> {
     key: &'a str,
     value: &'a RawValue,
     revision: Revision,
-    created_at: String,
-    updated_at: String,
+    created_at: Rfc3339,
+    updated_at: Rfc3339,
 }
 
 #[derive(Serialize)]
@@ -132,7 +132,7 @@ struct DeleteData<'a> {
     family: &'a str,
     key: &'a str,
     revision: Revision,
-    deleted_at: String,
+    deleted_at: Rfc3339,
 }
 
 /// Appends `data` as SSE `data:` lines. JSON holds line breaks only as white space
@@ -168,8 +168,8 @@ fn render(event: &Event) -> Option<Change> {
                 key: &key.key,
                 value,
                 revision: event.revision,
-                created_at: rfc3339(record.created_at_ms),
-                updated_at: rfc3339(record.updated_at_ms),
+                created_at: Rfc3339(record.created_at_ms),
+                updated_at: Rfc3339(record.updated_at_ms),
             };
             ("put", serde_json::to_string(&data).ok()?)
         }
@@ -179,7 +179,7 @@ fn render(event: &Event) -> Option<Change> {
                 family: &key.family,
                 key: &key.key,
                 revision: event.revision,
-                deleted_at: rfc3339(event.at_ms),
+                deleted_at: Rfc3339(event.at_ms),
             };
             ("delete", serde_json::to_string(&data).ok()?)
         }

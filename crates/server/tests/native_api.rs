@@ -31,7 +31,11 @@ async fn get_json(c: &reqwest::Client, url: &str, read: &str) -> (u16, Value) {
         .send()
         .await
         .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
+    let status = r.status().as_u16();
+    if status == 200 {
+        assert_eq!(r.headers()["content-type"], "application/json");
+    }
+    (status, r.json().await.unwrap())
 }
 
 #[tokio::test]
