@@ -55,12 +55,12 @@ pub struct ServeOptions {
     pub history_retention: Option<Duration>,
 
     /// Memory for the store's page cache and write buffer, in bytes
-    /// [default: 33554432].
+    /// [default: 25165824].
     #[arg(long, env = "AMPHORA_STORE_CACHE_BYTES", value_name = "BYTES")]
     pub store_cache_bytes: Option<usize>,
 
     /// Memory for the entry cache, which answers reads of recently read entries
-    /// without the B-tree (0 turns it off) [default: 41943040].
+    /// without the B-tree (0 turns it off) [default: 50331648].
     #[arg(long, env = "AMPHORA_ENTRY_CACHE_BYTES", value_name = "BYTES")]
     pub entry_cache_bytes: Option<usize>,
 
@@ -314,6 +314,7 @@ impl ServeOptions {
             bail!("checking client certificates needs --client-ca (the authority that signs them)");
         }
         let defaults = crate::throttle::ThrottleSettings::default();
+        let store = amphora_store::redb::RedbOptions::default();
         let settings = Settings {
             data_dir: o.data_dir.unwrap_or_else(|| PathBuf::from("amphora-data")),
             listen: o
@@ -328,9 +329,9 @@ impl ServeOptions {
             max_enumerate: o.max_enumerate.unwrap_or(100_000),
             max_watchers: o.max_watchers.unwrap_or(65_536).max(1),
             max_watchers_per_client: o.max_watchers_per_client.unwrap_or(1024).max(1),
-            store_cache_bytes: o.store_cache_bytes.unwrap_or(32 * 1024 * 1024),
-            entry_cache_bytes: o.entry_cache_bytes.unwrap_or(40 * 1024 * 1024),
-            checkpoint_interval: o.checkpoint_interval.unwrap_or(Duration::from_millis(20)),
+            store_cache_bytes: o.store_cache_bytes.unwrap_or(store.cache_bytes),
+            entry_cache_bytes: o.entry_cache_bytes.unwrap_or(store.entry_cache_bytes),
+            checkpoint_interval: o.checkpoint_interval.unwrap_or(store.checkpoint_interval),
             log_format: o.log_format.unwrap_or_default(),
             tls,
             check_client_cert,
@@ -382,6 +383,32 @@ mod tests {
         assert!(s.check_token_strength);
         assert_eq!(s.idle_expiry, Duration::ZERO);
         assert_eq!(s.max_value_bytes, 1 << 20);
+        assert_eq!(
+            (s.store_cache_bytes, s.entry_cache_bytes),
+            (24 << 20, 48 << 20)
+        );
+        assert_eq!(s.checkpoint_interval, Duration::from_millis(20));
+    }
+
+    #[test]
+    fn help_states_the_store_defaults() {
+        let s = ServeOptions::default().resolve_with(&env(&[])).unwrap();
+        let command = <ServeOptions as clap::Args>::augment_args(clap::Command::new("serve"));
+        let help = |id: &str| {
+            let arg = command.get_arguments().find(|a| a.get_id() == id);
+            arg.and_then(|a| a.get_help()).unwrap().to_string()
+        };
+        for (id, default) in [
+            ("store_cache_bytes", s.store_cache_bytes.to_string()),
+            ("entry_cache_bytes", s.entry_cache_bytes.to_string()),
+            ("checkpoint_interval", "20ms".to_string()),
+        ] {
+            let text = help(id);
+            assert!(
+                text.contains(&format!("[default: {default}]")),
+                "{id}: {text}"
+            );
+        }
     }
 
     #[test]
