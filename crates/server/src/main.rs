@@ -9,6 +9,24 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Lets mimalloc ask for transparent huge pages (2 MiB) for the memory it takes
+/// from the OS, unless `MIMALLOC_ALLOW_LARGE_OS_PAGES` says otherwise. The entry
+/// cache and the B-tree's page cache are read at random over tens of megabytes; with
+/// 4 KiB pages nearly every such read misses the TLB as well as the CPU cache.
+#[allow(unsafe_code)]
+fn allow_huge_pages() {
+    if std::env::var_os("MIMALLOC_ALLOW_LARGE_OS_PAGES").is_some()
+        || std::env::var_os("MIMALLOC_LARGE_OS_PAGES").is_some()
+    {
+        return;
+    }
+    // SAFETY: mi_option_set stores an integer in mimalloc's option table; it has no
+    // preconditions and may be called at any time, from any thread.
+    unsafe {
+        libmimalloc_sys::mi_option_set(libmimalloc_sys::mi_option_large_os_pages, 1);
+    }
+}
+
 /// Amphora: metadata, discovery and personal files for applications across clouds.
 #[derive(Parser)]
 #[command(name = "amphora", version, about)]
@@ -65,6 +83,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    allow_huge_pages();
     let cli = Cli::parse();
     match cli.command {
         Command::Certs(certs) => {
@@ -113,6 +132,24 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[allow(unsafe_code)]
+    fn huge_pages_are_allowed_unless_the_environment_decides() {
+        let decided = std::env::var_os("MIMALLOC_ALLOW_LARGE_OS_PAGES").is_some()
+            || std::env::var_os("MIMALLOC_LARGE_OS_PAGES").is_some();
+        super::allow_huge_pages();
+        // SAFETY: reads an integer from mimalloc's option table.
+        let allowed = unsafe {
+            libmimalloc_sys::mi_option_is_enabled(libmimalloc_sys::mi_option_large_os_pages)
+        };
+        if !decided {
+            assert!(allowed);
         }
     }
 }
