@@ -4,6 +4,7 @@
 //! Invariant: query strings never reach a log line. COMET clients put tokens there.
 
 use crate::error::{ApiError, ServerSideError};
+use crate::hot::HotRoute;
 use crate::metrics::Metrics;
 use crate::service::{Caller, Service};
 use crate::tls::ClientCert;
@@ -74,13 +75,23 @@ fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAddr 
 
 /// Extracts the [`Caller`] of a request from its connection and headers.
 pub fn caller(state: &AppState, parts: &Parts, api: &'static str) -> Caller {
-    let peer = parts.extensions.get::<Peer>();
+    caller_of(state, &parts.extensions, &parts.headers, api)
+}
+
+/// [`caller`], from a request's extensions and headers.
+pub(crate) fn caller_of(
+    state: &AppState,
+    extensions: &axum::http::Extensions,
+    headers: &HeaderMap,
+    api: &'static str,
+) -> Caller {
+    let peer = extensions.get::<Peer>();
     let addr = peer
         .map(|p| p.addr.ip())
         .unwrap_or(IpAddr::from([127, 0, 0, 1]));
     let cert = peer.and_then(|p| p.cert.as_ref());
     Caller {
-        addr: client_addr(addr, &parts.headers, &state.trusted_proxies),
+        addr: client_addr(addr, headers, &state.trusted_proxies),
         subject: cert.map(|c| c.subject.clone()),
         trusted_cert: cert.is_some_and(ClientCert::trusted_now),
         api,
@@ -173,14 +184,18 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-/// The whole application: slash normalization, then [`Observe`], around the router.
+/// The service [`app`] builds.
+pub type App = tower::util::MapRequest<Observe<HotRoute<Router>>, fn(Request) -> Request>;
+
+/// The whole application: slash normalization, then [`Observe`], around the hot
+/// route ([`HotRoute`]), around the router.
 ///
 /// Normalization must happen before routing, so it wraps the router rather than
 /// being one of its layers; observation sees the normalized path.
-pub fn app(state: Shared) -> tower::util::MapRequest<Observe<Router>, fn(Request) -> Request> {
+pub fn app(state: Shared) -> App {
     use tower::ServiceExt;
     let observed = Observe {
-        inner: router(state.clone()),
+        inner: HotRoute::new(router(state.clone()), state.clone()),
         state,
     };
     observed.map_request(collapse_slashes as fn(Request) -> Request)

@@ -10,6 +10,7 @@ pub mod certs;
 pub mod comet;
 pub mod config;
 pub mod error;
+pub mod hot;
 pub mod http;
 pub mod keyfile;
 pub mod metrics;

@@ -4,7 +4,7 @@
 use crate::error::ApiError;
 use crate::http::{NativeCaller, Shared, read_body};
 use crate::query::Query;
-use crate::service::{Entry, WriteOptions};
+use crate::service::{Caller, Entry, WriteOptions};
 use amphora_model::{EntryKey, context_prefix, family_prefix};
 use amphora_store::EventKind;
 use axum::Json;
@@ -185,16 +185,27 @@ fn etag(revision: u64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{revision}\"")).expect("digits and quotes are valid")
 }
 
-/// `GET /v1/kv/{context}/{family}/{key}`.
+/// `GET /v1/kv/{context}/{family}/{key}`, through the router (see [`read_entry`]).
 pub async fn get(
     State(state): State<Shared>,
     NativeCaller(caller): NativeCaller,
     EntryTarget { key, .. }: EntryTarget,
     ReadToken(read): ReadToken,
 ) -> Result<Response, ApiError> {
+    read_entry(&state, &caller, &key, &read).await
+}
+
+/// The answer to `GET /v1/kv/{context}/{family}/{key}`, wherever the request was
+/// dispatched: by the router ([`get`]) or by [`crate::hot::HotRoute`].
+pub(crate) async fn read_entry(
+    state: &Shared,
+    caller: &Caller,
+    key: &EntryKey,
+    read: &str,
+) -> Result<Response, ApiError> {
     let entry = state
         .service
-        .read(&caller, &key, &read)
+        .read(caller, key, read)
         .await?
         .ok_or(ApiError::NotFound)?;
     let mut response = json_ok(&entry_body(&entry)?, entry_size(&entry))?;

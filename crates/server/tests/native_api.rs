@@ -394,3 +394,95 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
     let (status, body) = get_json(&c, &s2.url("/v1/kv/ctx/f/k"), READ).await;
     assert_eq!((status, &body["value"]), (200, &json!(1)));
 }
+
+/// Plain reads are answered in front of the router (`hot.rs`); reads in any other
+/// form (a percent-escape, a query string) go through it. Both must answer alike,
+/// errors included.
+#[tokio::test]
+async fn plain_and_routed_reads_answer_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("d"), &["--max-name-bytes", "16"]);
+    let c = client();
+    let r = put(
+        &c,
+        &s.url("/v1/kv/ctx/fam/key"),
+        &json!({"a": [1, "b"]}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+
+    async fn answer(
+        c: &reqwest::Client,
+        url: &str,
+        read: Option<&str>,
+    ) -> (u16, String, String, Value) {
+        let mut req = c.get(url);
+        if let Some(t) = read {
+            req = req.header("Amphora-Read-Token", t);
+        }
+        let r = req.send().await.unwrap();
+        let header = |name: &str| {
+            r.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        let (etag, content_type) = (header("etag"), header("content-type"));
+        assert!(r.headers().contains_key("x-request-id"));
+        (
+            r.status().as_u16(),
+            etag,
+            content_type,
+            r.json().await.unwrap(),
+        )
+    }
+
+    let cases: [(&str, &[&str], Option<&str>, u16); 4] = [
+        // (plain path, the same request in routed forms, token, status)
+        (
+            "/v1/kv/ctx/fam/key",
+            &["/v1/kv/ctx/fam/k%65y", "/v1/kv/ctx/fam/key?x=1"],
+            Some(READ),
+            200,
+        ),
+        (
+            "/v1/kv/ctx/fam/key",
+            &["/v1/kv/c%74x/fam/key"],
+            Some("OtherToken1"),
+            404,
+        ),
+        (
+            "/v1/kv/ctx/fam/nokey",
+            &["/v1/kv/ctx/fam/nok%65y"],
+            Some(READ),
+            404,
+        ),
+        (
+            "/v1/kv/ctx/fam/seventeen-bytes-x",
+            &["/v1/kv/ctx/fam/seventeen-bytes-%78"],
+            Some(READ),
+            400,
+        ),
+    ];
+    for (plain, routed, token, status) in cases {
+        let expected = answer(&c, &s.url(plain), token).await;
+        assert_eq!(expected.0, status, "{plain}: {expected:?}");
+        for other in routed {
+            assert_eq!(answer(&c, &s.url(other), token).await, expected, "{other}");
+        }
+    }
+    let (_, etag, content_type, body) = answer(&c, &s.url("/v1/kv/ctx/fam/key"), Some(READ)).await;
+    assert_eq!(
+        (etag.as_str(), content_type.as_str()),
+        ("\"1\"", "application/json")
+    );
+    assert_eq!(body["value"], json!({"a": [1, "b"]}));
+
+    // Without the token header both ways end at the router's answer.
+    let missing = answer(&c, &s.url("/v1/kv/ctx/fam/key"), None).await;
+    assert_eq!(
+        (missing.0, &missing.3["error"]["code"]),
+        (400, &json!("missing_parameter"))
+    );
+}
