@@ -188,7 +188,7 @@ pub fn router(state: Shared) -> Router {
 pub type App = tower::util::MapRequest<Observe<HotRoute<Router>>, fn(Request) -> Request>;
 
 /// The whole application: slash normalization, then [`Observe`], around the hot
-/// route ([`HotRoute`]), around the router.
+/// routes ([`HotRoute`]), around the router.
 ///
 /// Normalization must happen before routing, so it wraps the router rather than
 /// being one of its layers; observation sees the normalized path.

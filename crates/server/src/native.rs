@@ -185,7 +185,7 @@ fn etag(revision: u64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{revision}\"")).expect("digits and quotes are valid")
 }
 
-/// `GET /v1/kv/{context}/{family}/{key}`, through the router (see [`read_entry`]).
+/// `GET /v1/kv/{context}/{family}/{key}`, through the router (see `read_entry`).
 pub async fn get(
     State(state): State<Shared>,
     NativeCaller(caller): NativeCaller,
@@ -251,18 +251,31 @@ pub async fn put(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (read, write) = token_pair(&headers)?;
+    write_entry(&state, &caller, &key, &q, &headers, body).await
+}
+
+/// The answer to `PUT /v1/kv/{context}/{family}/{key}`, wherever the request was
+/// dispatched: by the router ([`put`]) or by [`crate::hot::HotRoute`].
+pub(crate) async fn write_entry(
+    state: &Shared,
+    caller: &Caller,
+    key: &EntryKey,
+    q: &Query,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (read, write) = token_pair(headers)?;
     let options = WriteOptions {
-        if_match: parse_if_match(&headers)?,
+        if_match: parse_if_match(headers)?,
         create_only: match headers.get(header::IF_NONE_MATCH) {
             None => false,
             Some(v) if v.as_bytes() == b"*" => true,
             Some(_) => return Err(ApiError::BadRequest("If-None-Match accepts only *".into())),
         },
-        ttl: parse_ttl(&q)?,
+        ttl: parse_ttl(q)?,
     };
     let limit = state.service.settings().limits.max_value_bytes;
-    let bytes = read_body(&headers, body, limit).await?;
+    let bytes = read_body(headers, body, limit).await?;
     state.service.check_value(bytes.len())?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ApiError::InvalidJson("body is not UTF-8".into()))?;
@@ -272,8 +285,8 @@ pub async fn put(
     let written = state
         .service
         .write(
-            &caller,
-            &key,
+            caller,
+            key,
             raw_value.get().to_owned(),
             read,
             write,

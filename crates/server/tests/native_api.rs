@@ -486,3 +486,64 @@ async fn plain_and_routed_reads_answer_alike() {
         (400, &json!("missing_parameter"))
     );
 }
+
+/// The same for writes: a plain PUT is answered in front of the router, a PUT with
+/// a percent-escape goes through it; their answers must match, errors included.
+#[tokio::test]
+async fn plain_and_routed_writes_answer_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("d"), &["--max-name-bytes", "16"]);
+    let c = client();
+    let write =
+        |url: String, body: &'static str, headers: &'static [(&'static str, &'static str)]| {
+            let mut req = c.put(url).body(body);
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            req.status_json()
+        };
+    const TOKENS: &[(&str, &str)] = &[("Amphora-Read-Token", READ), ("Amphora-Write-Token", WRITE)];
+    const STALE: &[(&str, &str)] = &[
+        ("Amphora-Read-Token", READ),
+        ("Amphora-Write-Token", WRITE),
+        ("If-Match", "\"1\""),
+    ];
+    const NO_WRITE_TOKEN: &[(&str, &str)] = &[("Amphora-Read-Token", READ)];
+    const WRONG_WRITE_TOKEN: &[(&str, &str)] = &[
+        ("Amphora-Read-Token", READ),
+        ("Amphora-Write-Token", "OtherToken1"),
+    ];
+
+    // Created plainly, then replaced either way: the second write is revision 2.
+    assert_eq!(
+        write(s.url("/v1/kv/ctx/fam/key"), r#"{"v":1}"#, TOKENS).await,
+        (201, json!({"revision": 1, "created": true}))
+    );
+    let plain = write(s.url("/v1/kv/ctx/fam/key"), r#"{"v":2}"#, TOKENS).await;
+    assert_eq!(plain, (200, json!({"revision": 2, "created": false})));
+    let routed = write(s.url("/v1/kv/ctx/fam/k%65y"), r#"{"v":3}"#, TOKENS).await;
+    assert_eq!(routed, (200, json!({"revision": 3, "created": false})));
+
+    for (name, body, headers, status) in [
+        ("key", "{not json", TOKENS, 400),
+        ("key", r#"{"v":4}"#, NO_WRITE_TOKEN, 400),
+        ("key", r#"{"v":4}"#, WRONG_WRITE_TOKEN, 403),
+        ("key", r#"{"v":4}"#, STALE, 412),
+        ("seventeen-bytes-x", r#"{"v":4}"#, TOKENS, 400),
+    ] {
+        let plain = write(s.url(&format!("/v1/kv/ctx/fam/{name}")), body, headers).await;
+        let escaped = format!("/v1/kv/c%74x/fam/{name}");
+        let routed = write(s.url(&escaped), body, headers).await;
+        assert_eq!(plain.0, status, "{name} {body} {headers:?}: {plain:?}");
+        assert_eq!(plain, routed, "{name} {body} {headers:?}");
+    }
+    let (status, body) = c
+        .get(s.url("/v1/kv/ctx/fam/key"))
+        .header("Amphora-Read-Token", READ)
+        .status_json()
+        .await;
+    assert_eq!(
+        (status, &body["value"], &body["revision"]),
+        (200, &json!({"v": 3}), &json!(3))
+    );
+}
