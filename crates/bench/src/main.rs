@@ -107,7 +107,9 @@ struct RunArgs {
     /// Keys in order instead of at random.
     #[arg(long)]
     sequential_keys: bool,
-    /// Open loop at this many requests per second (default: closed loop).
+    /// Open loop at this many requests per second (default: closed loop): requests
+    /// fall due on a fixed schedule, any idle connection sends the next one due, and
+    /// latency counts from when it was due.
     #[arg(long)]
     rate: Option<f64>,
 }

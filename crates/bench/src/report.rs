@@ -108,7 +108,9 @@ pub fn markdown(r: &Results) -> String {
     }
     let _ = writeln!(
         o,
-        "\n## Settings\n\n{} clients (one connection each, closed loop unless marked open), {} s per \
+        "\n## Settings\n\n{} clients (one connection each, closed loop unless marked open; in the open \
+         loop requests fall due at a fixed rate, an idle connection sends the next one due and \
+         latency counts from when it was due), {} s per \
          measurement after {} s of the same workload unmeasured, keys of {} bytes over a key space of {}, values of {} bytes, {} leases, {} \
          entries for the memory measurement. Amphora runs with its defaults (embedded redb store; \
          every acknowledged write is in the write-ahead log, one fsync per group commit; \
