@@ -6,6 +6,7 @@
 use crate::error::ApiError;
 use crate::http::{CometCaller, Shared, read_body};
 use crate::query::Query;
+use crate::service::Caller;
 use crate::service::{Entry, WriteOptions};
 use amphora_model::EntryKey;
 use axum::Json;
@@ -13,7 +14,9 @@ use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use serde_json::{Value, json};
+use std::borrow::Cow;
 
 /// The COMET server version Amphora emulates.
 pub const COMET_VERSION: &str = "1.0.5";
@@ -51,10 +54,11 @@ fn respond(result: Result<Value, ApiError>) -> Response {
 
 /// The string COMET clients get back: what they posted, byte for byte. A value
 /// written through the native API (any JSON) is returned as its JSON text.
-fn comet_string(e: &Entry) -> String {
-    match serde_json::from_str::<Value>(&e.value) {
-        Ok(Value::String(s)) => s,
-        _ => e.value.clone(),
+fn comet_string(e: &Entry) -> Cow<'_, str> {
+    // A JSON text parses as a `String` exactly when it is a JSON string.
+    match serde_json::from_str::<String>(&e.value) {
+        Ok(s) => Cow::Owned(s),
+        Err(_) => Cow::Borrowed(&e.value),
     }
 }
 
@@ -103,20 +107,79 @@ pub async fn read_scope(
     CometCaller(caller): CometCaller,
     RawQuery(raw): RawQuery,
 ) -> Response {
-    respond(
-        async {
-            let q = Query::parse(raw.as_deref())?;
-            let key = entry_key(&state, &q)?;
-            let read = q.require("readToken")?;
-            Ok(match state.service.read(&caller, &key, read).await? {
-                Some(e) => json!({
-                    "contextId": e.key.context, "family": e.key.family,
-                    "key": e.key.key, "value": comet_string(&e),
-                }),
-                None => json!({}),
-            })
-        }
-        .await,
+    read_scope_answer(&state, &caller, raw.as_deref()).await
+}
+
+/// What `GET /readScope` answers for the query string `raw`. The router's handler
+/// and the hot route (hot.rs) both answer through it.
+pub(crate) async fn read_scope_answer(
+    state: &Shared,
+    caller: &Caller,
+    raw: Option<&str>,
+) -> Response {
+    let found = async {
+        let q = Query::parse(raw)?;
+        let key = entry_key(state, &q)?;
+        let read = q.require("readToken")?;
+        state.service.read(caller, &key, read).await
+    }
+    .await;
+    match found.and_then(|entry| read_answer(entry.as_ref())) {
+        Ok(response) => response,
+        Err(e) => error(e),
+    }
+}
+
+/// A success in the COMET envelope, written straight from `value`. The fields are
+/// in the order of the `json!` envelope of [`ok`] (serde_json's map sorts its
+/// keys), so both give the same bytes.
+#[derive(Serialize)]
+struct Envelope<V> {
+    message: &'static str,
+    status: &'static str,
+    value: V,
+    version: &'static str,
+}
+
+/// The `value` of a `readScope` answer: the entry's names and value, or `{}`.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ScopeRead<'e> {
+    Found {
+        #[serde(rename = "contextId")]
+        context_id: &'e str,
+        family: &'e str,
+        key: &'e str,
+        value: Cow<'e, str>,
+    },
+    Absent {},
+}
+
+fn read_answer(entry: Option<&Entry>) -> Result<Response, ApiError> {
+    let (value, hint) = match entry {
+        Some(e) => (
+            ScopeRead::Found {
+                context_id: &e.key.context,
+                family: &e.key.family,
+                key: &e.key.key,
+                value: comet_string(e),
+            },
+            // The envelope, the names and the value, with room for escapes.
+            128 + e.key.context.len()
+                + e.key.family.len()
+                + e.key.key.len()
+                + e.value.len() * 9 / 8,
+        ),
+        None => (ScopeRead::Absent {}, 96),
+    };
+    crate::native::json_ok(
+        &Envelope {
+            message: "success",
+            status: "OK",
+            value,
+            version: COMET_VERSION,
+        },
+        hint,
     )
 }
 
@@ -180,4 +243,83 @@ pub async fn delete_scope(
 /// `GET /getVersion`.
 pub async fn get_version() -> Response {
     ok(json!({"Comet version": COMET_VERSION, "Comet API version": COMET_API_VERSION}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn entry(value: &str) -> Entry {
+        Entry {
+            key: EntryKey {
+                context: "ctx \"q\"".into(),
+                family: "fam/é".into(),
+                key: "k\\1".into(),
+            },
+            value: value.into(),
+            revision: 7,
+            created_at_ms: 1,
+            updated_at_ms: 2,
+            expires_at_ms: None,
+        }
+    }
+
+    async fn bytes(r: Response) -> Vec<u8> {
+        r.into_body().collect().await.unwrap().to_bytes().to_vec()
+    }
+
+    /// The bytes the `json!` envelope gave for a read before reads were written
+    /// straight from the entry.
+    fn by_value_tree(e: Option<&Entry>) -> Vec<u8> {
+        let value = match e {
+            Some(e) => json!({
+                "contextId": e.key.context, "family": e.key.family,
+                "key": e.key.key, "value": comet_string(e),
+            }),
+            None => json!({}),
+        };
+        serde_json::to_vec(
+            &json!({"status": "OK", "message": "success", "value": value, "version": COMET_VERSION}),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_read_answer_is_byte_for_byte_the_value_tree_envelope() {
+        let stored = [
+            // Written through COMET: a JSON string, given back decoded.
+            r#""plain text""#,
+            r#""quote \" backslash \\ newline \n tab \t unicode \u00e9 \ud83d\ude00""#,
+            r#""""#,
+            // Written through the native API: any JSON, given back as its text.
+            r#"{"a":[1,"b",null]}"#,
+            "42",
+            " \"spaced\" ",
+        ];
+        for value in stored {
+            let e = entry(value);
+            let r = read_answer(Some(&e)).unwrap();
+            assert_eq!(r.status(), axum::http::StatusCode::OK);
+            assert_eq!(r.headers()["content-type"], "application/json");
+            assert_eq!(
+                String::from_utf8(bytes(r).await).unwrap(),
+                String::from_utf8(by_value_tree(Some(&e))).unwrap(),
+                "{value}"
+            );
+        }
+        let absent = bytes(read_answer(None).unwrap()).await;
+        assert_eq!(absent, by_value_tree(None));
+        assert_eq!(
+            absent,
+            br#"{"message":"success","status":"OK","value":{},"version":"1.0.5"}"#
+        );
+    }
+
+    #[test]
+    fn comet_strings_are_decoded_json_strings_and_anything_else_verbatim() {
+        assert_eq!(comet_string(&entry(r#""a\"b""#)), "a\"b");
+        assert_eq!(comet_string(&entry(r#"["a"]"#)), r#"["a"]"#);
+        assert_eq!(comet_string(&entry("not json")), "not json");
+    }
 }

@@ -1,7 +1,8 @@
-//! The hot routes: plain reads and writes of one entry, answered without the router.
+//! The hot routes: plain reads and writes of one entry, and COMET reads, answered
+//! without the router.
 //!
 //! `GET` and `PUT /v1/kv/{context}/{family}/{key}` are most of what a metadata
-//! service answers. Through the router they pay for the parts the router needs in
+//! service answers, and `GET /readScope` most of what COMET clients ask. Through the router they pay for the parts the router needs in
 //! general: the route service cloned and boxed per request, the path parameters
 //! decoded into shared strings kept in the request's extensions, the extractors'
 //! futures. For these two routes in their plain form the layer below matches the
@@ -13,12 +14,15 @@
 //!
 //! Plain means: method `GET` or `PUT`; no query string; a path of exactly three
 //! non-empty segments under `/v1/kv/` without percent-escapes (so each segment is
-//! already its decoded name). Anything else goes to the router. [`crate::http::Observe`]
-//! wraps this layer, so request ids, metrics and logs are the same either way.
+//! already its decoded name). A COMET read is `GET /readScope` or `GET /v1/readScope`
+//! with any query string: it is answered by `comet::read_scope_answer`, which the
+//! router's handler calls too. Anything else goes to the router.
+//! [`crate::http::Observe`] wraps this layer, so request ids, metrics and logs are the
+//! same either way.
 
 use crate::http::{Shared, caller_of};
-use crate::native;
 use crate::query::Query;
+use crate::{comet, native};
 use axum::extract::Request;
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
@@ -58,6 +62,14 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
+        if is_comet_read(&req) {
+            let state = self.state.clone();
+            let caller = caller_of(&state, req.extensions(), req.headers(), "comet");
+            let uri = req.into_parts().0.uri;
+            return Either::Right(Box::pin(async move {
+                Ok(comet::read_scope_answer(&state, &caller, uri.query()).await)
+            }));
+        }
         let Some(plain) = PlainEntry::of(&req) else {
             return Either::Left(self.inner.call(req));
         };
@@ -85,6 +97,11 @@ where
             Ok(answer.unwrap_or_else(IntoResponse::into_response))
         }))
     }
+}
+
+/// A COMET read (see the module's documentation).
+fn is_comet_read(req: &Request) -> bool {
+    req.method() == Method::GET && matches!(req.uri().path(), "/readScope" | "/v1/readScope")
 }
 
 /// The names of a plain entry request (see the module's documentation).
@@ -156,6 +173,34 @@ mod tests {
         ] {
             let r = request(method.clone(), uri);
             assert_eq!(PlainEntry::of(&r), None, "{method} {uri}");
+        }
+    }
+
+    #[test]
+    fn takes_comet_reads_with_any_query() {
+        for uri in [
+            "/readScope",
+            "/readScope?contextID=c&family=f&Key=k&readToken=r",
+            "/v1/readScope?contextID=c",
+            "/readScope?",
+        ] {
+            assert!(is_comet_read(&request(Method::GET, uri)), "{uri}");
+        }
+        for (method, uri) in [
+            (Method::HEAD, "/readScope?contextID=c"),
+            (Method::POST, "/readScope"),
+            (Method::DELETE, "/v1/readScope"),
+            (Method::GET, "/readScope/"),
+            (Method::GET, "/readscope"),
+            (Method::GET, "/v2/readScope"),
+            (Method::GET, "/v1/v1/readScope"),
+            (Method::GET, "/enumerateScope?contextID=c"),
+            (Method::GET, "/v1/kv/ctx/fam/key"),
+        ] {
+            assert!(
+                !is_comet_read(&request(method.clone(), uri)),
+                "{method} {uri}"
+            );
         }
     }
 }

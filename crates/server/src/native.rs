@@ -54,7 +54,7 @@ const ENTRY_BODY_EXTRA: usize = 192;
 
 /// A `200 OK` JSON response, serialized into one buffer allocated at about the
 /// right size (`Json` grows its buffer from 128 bytes).
-fn json_ok<T: Serialize>(body: &T, size_hint: usize) -> Result<Response, ApiError> {
+pub(crate) fn json_ok<T: Serialize>(body: &T, size_hint: usize) -> Result<Response, ApiError> {
     let mut buf = Vec::with_capacity(size_hint);
     serde_json::to_writer(&mut buf, body)
         .map_err(|e| ApiError::Internal(format!("cannot serialize a response: {e}")))?;
