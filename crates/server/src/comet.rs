@@ -141,6 +141,20 @@ struct Envelope<V> {
     version: &'static str,
 }
 
+/// A success in the COMET envelope around `value`, serialized into a buffer of about
+/// `hint` bytes.
+fn ok_typed<V: Serialize>(value: V, hint: usize) -> Result<Response, ApiError> {
+    crate::native::json_ok(
+        &Envelope {
+            message: "success",
+            status: "OK",
+            value,
+            version: COMET_VERSION,
+        },
+        hint,
+    )
+}
+
 /// The `value` of a `readScope` answer: the entry's names and value, or `{}`.
 #[derive(Serialize)]
 #[serde(untagged)]
@@ -172,15 +186,7 @@ fn read_answer(entry: Option<&Entry>) -> Result<Response, ApiError> {
         ),
         None => (ScopeRead::Absent {}, 96),
     };
-    crate::native::json_ok(
-        &Envelope {
-            message: "success",
-            status: "OK",
-            value,
-            version: COMET_VERSION,
-        },
-        hint,
-    )
+    ok_typed(value, hint)
 }
 
 /// `GET /enumerateScope`: the visible entries of a context, or of one family.
@@ -189,37 +195,68 @@ pub async fn enumerate_scope(
     CometCaller(caller): CometCaller,
     RawQuery(raw): RawQuery,
 ) -> Response {
-    respond(
-        async {
-            let q = Query::parse(raw.as_deref())?;
-            let c = q.require("contextID")?;
-            let read = q.require("readToken")?;
-            state.service.context_name(c)?;
-            let family = match q.get("family") {
-                Some(f) if !f.is_empty() => {
-                    state.service.family_name(f)?;
-                    Some(f)
-                }
-                _ => None,
-            };
-            let entries = state.service.enumerate(&caller, c, family, read).await?;
-            Ok(match family {
-                Some(f) => json!({
-                    "contextId": c, "family": f,
-                    "entries": entries.iter()
-                        .map(|e| json!({"key": e.key.key, "value": comet_string(e)}))
-                        .collect::<Vec<_>>(),
-                }),
-                None => json!({
-                    "contextId": c,
-                    "entries": entries.iter()
-                        .map(|e| json!({"family": e.key.family, "key": e.key.key, "value": comet_string(e)}))
-                        .collect::<Vec<_>>(),
-                }),
+    let answer = async {
+        let q = Query::parse(raw.as_deref())?;
+        let c = q.require("contextID")?;
+        let read = q.require("readToken")?;
+        state.service.context_name(c)?;
+        let family = match q.get("family") {
+            Some(f) if !f.is_empty() => {
+                state.service.family_name(f)?;
+                Some(f)
+            }
+            _ => None,
+        };
+        let entries = state.service.enumerate(&caller, c, family, read).await?;
+        enumerate_answer(c, family, &entries)
+    }
+    .await;
+    answer.unwrap_or_else(error)
+}
+
+/// The `value` of an `enumerateScope` answer; `family` is left out when the whole
+/// context was asked for, and then each entry carries its own.
+#[derive(Serialize)]
+struct Enumeration<'e> {
+    #[serde(rename = "contextId")]
+    context_id: &'e str,
+    entries: Vec<Enumerated<'e>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    family: Option<&'e str>,
+}
+
+#[derive(Serialize)]
+struct Enumerated<'e> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    family: Option<&'e str>,
+    key: &'e str,
+    value: Cow<'e, str>,
+}
+
+/// An `enumerateScope` answer, written straight from the entries (see [`Envelope`]).
+fn enumerate_answer(
+    context: &str,
+    family: Option<&str>,
+    entries: &[Entry],
+) -> Result<Response, ApiError> {
+    let hint = 128
+        + entries
+            .iter()
+            .map(|e| 40 + e.key.family.len() + e.key.key.len() + e.value.len() * 9 / 8)
+            .sum::<usize>();
+    let value = Enumeration {
+        context_id: context,
+        entries: entries
+            .iter()
+            .map(|e| Enumerated {
+                family: family.is_none().then_some(e.key.family.as_str()),
+                key: &e.key.key,
+                value: comet_string(e),
             })
-        }
-        .await,
-    )
+            .collect(),
+        family,
+    };
+    ok_typed(value, hint)
 }
 
 /// `DELETE /deleteScope`: removes an entry for every reader at once.
@@ -314,6 +351,44 @@ mod tests {
             absent,
             br#"{"message":"success","status":"OK","value":{},"version":"1.0.5"}"#
         );
+    }
+
+    #[tokio::test]
+    async fn an_enumeration_is_byte_for_byte_the_value_tree_envelope() {
+        let entries: Vec<Entry> = [r#""a \"q\" \u00e9""#, r#"{"n":[1,2]}"#, r#""""#]
+            .into_iter()
+            .map(entry)
+            .collect();
+        for family in [Some("fam/é"), None] {
+            for entries in [&entries[..], &[]] {
+                let value = match family {
+                    Some(f) => json!({
+                        "contextId": "ctx", "family": f,
+                        "entries": entries.iter()
+                            .map(|e| json!({"key": e.key.key, "value": comet_string(e)}))
+                            .collect::<Vec<_>>(),
+                    }),
+                    None => json!({
+                        "contextId": "ctx",
+                        "entries": entries.iter()
+                            .map(|e| json!({"family": e.key.family, "key": e.key.key, "value": comet_string(e)}))
+                            .collect::<Vec<_>>(),
+                    }),
+                };
+                let tree = serde_json::to_vec(&json!({
+                    "status": "OK", "message": "success", "value": value, "version": COMET_VERSION,
+                }))
+                .unwrap();
+                let r = enumerate_answer("ctx", family, entries).unwrap();
+                assert_eq!(r.headers()["content-type"], "application/json");
+                assert_eq!(
+                    String::from_utf8(bytes(r).await).unwrap(),
+                    String::from_utf8(tree).unwrap(),
+                    "{family:?}, {} entries",
+                    entries.len()
+                );
+            }
+        }
     }
 
     #[test]
