@@ -109,6 +109,7 @@ struct Shared {
     overlay_epoch: AtomicU64,
     checkpoints: AtomicU64,
     overlay_batches: AtomicU64,
+    barrier_batches: AtomicU64,
     overlay_peak: AtomicU64,
     /// Set while some acknowledged writes are not durable in redb yet: the
     /// checkpoint thread then wakes an idle writer to make them so.
@@ -124,6 +125,10 @@ pub struct CheckpointStats {
     pub overlay_batches: u64,
     /// The most memory one layer of the overlay took, about, in bytes.
     pub overlay_peak_bytes: u64,
+    /// Logged batches run in a redb write transaction instead (lease operations,
+    /// sweeps, compactions): each waited for the running checkpoint and applied the
+    /// overlay first, with every write waiting behind it.
+    pub barrier_batches: u64,
 }
 
 impl Shared {
@@ -305,6 +310,9 @@ pub(crate) fn lease_live(
 
 impl RedbStore {
     /// Opens (or creates) the database file at `path` and starts the writer thread.
+    ///
+    /// Inside a multi-threaded tokio runtime, writes are answered from tasks spawned
+    /// on that runtime: open the store in the runtime that will use it.
     pub fn open(path: &Path, options: RedbOptions) -> Result<Self> {
         let db = Database::builder()
             .set_cache_size(options.cache_bytes)
@@ -349,6 +357,7 @@ impl RedbStore {
             overlay_epoch: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
             overlay_batches: AtomicU64::new(0),
+            barrier_batches: AtomicU64::new(0),
             overlay_peak: AtomicU64::new(0),
             unsettled: std::sync::atomic::AtomicBool::new(false),
         });
@@ -372,6 +381,7 @@ impl RedbStore {
             poisoned: false,
             checkpointer,
             wake: queue.downgrade(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
             overlay: None,
         };
         writer.replay(records)?;
@@ -427,6 +437,7 @@ impl RedbStore {
             checkpoints: self.shared.checkpoints.load(Ordering::Relaxed),
             overlay_batches: self.shared.overlay_batches.load(Ordering::Relaxed),
             overlay_peak_bytes: self.shared.overlay_peak.load(Ordering::Relaxed),
+            barrier_batches: self.shared.barrier_batches.load(Ordering::Relaxed),
         }
     }
 
@@ -611,6 +622,20 @@ impl Store for RedbStore {
     }
 
     async fn sweep_expired_leases(&self) -> Result<usize> {
+        // A sweep is a barrier: it waits for the running checkpoint and stops every
+        // write meanwhile. Leases live in redb only (their operations are barriers
+        // too), so one read tells whether it would find anything.
+        let txn = self.read()?;
+        let expiry = txn.open_table(LEASE_EXPIRY).map_err(backend)?;
+        let due = expiry
+            .range((0u64, 0u64)..=(now_ms(), u64::MAX))
+            .map_err(backend)?
+            .next()
+            .is_some();
+        drop((expiry, txn));
+        if !due {
+            return Ok(0);
+        }
         match self.submit(Op::Sweep).await? {
             Outcome::Count(n) => Ok(n),
             _ => Err(unexpected()),
@@ -618,6 +643,17 @@ impl Store for RedbStore {
     }
 
     async fn compact_history(&self, before_ms: u64) -> Result<usize> {
+        // A barrier too (see above). Compaction removes events from the oldest on and
+        // stops at the first one not older than `before_ms`: when that is the oldest,
+        // it would remove nothing.
+        let oldest = self.shared.compacted.load(Ordering::Acquire) + 1;
+        match self.changes(oldest, 1).await {
+            Ok(events) if events.first().is_none_or(|e| e.at_ms >= before_ms) => {
+                return Ok(0);
+            }
+            // Compacted meanwhile, or unreadable: let the writer decide.
+            _ => {}
+        }
         match self.submit(Op::Compact(before_ms)).await? {
             Outcome::Count(n) => Ok(n),
             _ => Err(unexpected()),
@@ -658,6 +694,9 @@ struct Writer {
     poisoned: bool,
     checkpointer: Checkpointer,
     wake: mpsc::WeakSender<Pending>,
+    /// The runtime the store was opened in: a batch's answers are sent from one task
+    /// spawned there (see `answer`). `None` outside a runtime.
+    runtime: Option<tokio::runtime::Handle>,
     /// Writes acknowledged but not yet in redb (see overlay.rs); `None` when redb
     /// holds everything.
     overlay: Option<Arc<Overlay>>,
@@ -968,16 +1007,17 @@ impl Writer {
                         let _ = self.shared.events.send(event);
                     }
                 }
-                for (pending, outcome) in batch.into_iter().zip(outcomes) {
-                    let _ = pending.reply.send(outcome);
-                }
+                self.answer(batch.into_iter().map(|p| p.reply).zip(outcomes).collect());
             }
             Err(e) => {
                 tracing::error!(error = %e, batch = size, "group commit failed; every write in it is refused");
                 (self.revision, self.next_lease) = before;
-                for pending in batch {
-                    let _ = pending.reply.send(Err(e.clone()));
-                }
+                self.answer(
+                    batch
+                        .into_iter()
+                        .map(|p| (p.reply, Err(e.clone())))
+                        .collect(),
+                );
             }
         }
         if let Some(observer) = &self.options.on_commit {
@@ -985,6 +1025,30 @@ impl Writer {
                 batch_size: size,
                 duration: started.elapsed(),
             });
+        }
+    }
+
+    /// Sends a batch's answers. From this thread, each answer would wake its task
+    /// through the runtime's shared queue and, often, wake a parked worker thread: a
+    /// lock and a context switch per write. One task spawned on the runtime sends
+    /// them all from inside it instead, where a wake is a push on the worker's own
+    /// queue.
+    fn answer(&self, replies: Vec<(oneshot::Sender<Result<Outcome>>, Result<Outcome>)>) {
+        let send = move || {
+            for (reply, outcome) in replies {
+                let _ = reply.send(outcome);
+            }
+        };
+        match &self.runtime {
+            Some(runtime)
+                if !matches!(
+                    runtime.runtime_flavor(),
+                    tokio::runtime::RuntimeFlavor::CurrentThread
+                ) =>
+            {
+                runtime.spawn(async move { send() });
+            }
+            _ => send(),
         }
     }
 
@@ -1194,6 +1258,9 @@ impl Writer {
             Some(self.open_overlay()?)
         } else {
             self.flush()?;
+            if logged {
+                self.shared.barrier_batches.fetch_add(1, Ordering::Relaxed);
+            }
             None
         };
         let txn = match &overlay {

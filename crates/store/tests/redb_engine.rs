@@ -122,6 +122,52 @@ async fn the_overlay_is_bounded_by_checkpoint_bytes() {
     store.close().await.unwrap();
 }
 
+/// Lease sweeps and history compactions are barriers: each waits for the running
+/// checkpoint while every write waits behind it. The server asks for both every half
+/// second, so they reach the writer only when they would find something.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweeps_and_compactions_with_nothing_to_do_are_not_barriers() {
+    use amphora_store::{Condition, Put, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let options = RedbOptions {
+        checkpoint_interval: std::time::Duration::from_secs(3600),
+        ..RedbOptions::default()
+    };
+    let store = RedbStore::open(&dir.path().join("test.redb"), options).unwrap();
+    for key in [&b"a"[..], b"b", b"c"] {
+        store
+            .put(Put::new(key.to_vec(), b"v".to_vec(), Condition::None))
+            .await
+            .unwrap();
+    }
+    let barriers = || store.checkpoint_stats().barrier_batches;
+    // No lease at all, then one not expired; no event older than the cutoff.
+    assert_eq!(store.sweep_expired_leases().await.unwrap(), 0);
+    let long = store
+        .grant_lease(std::time::Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(barriers(), 1, "a grant is a barrier");
+    assert_eq!(store.sweep_expired_leases().await.unwrap(), 0);
+    assert_eq!(store.compact_history(0).await.unwrap(), 0);
+    assert_eq!(barriers(), 1);
+    // With something to do they run, as before.
+    store
+        .grant_lease(std::time::Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(store.sweep_expired_leases().await.unwrap(), 1);
+    let compact_all = || store.compact_history(amphora_store::now_ms() + 1);
+    assert_eq!(compact_all().await.unwrap(), 3);
+    assert_eq!(barriers(), 4);
+    // Compacted up to the newest event: nothing older is left.
+    assert_eq!(compact_all().await.unwrap(), 0);
+    assert_eq!(barriers(), 4);
+    assert!(store.lease(long.id).await.unwrap().is_some());
+    store.close().await.unwrap();
+}
+
 /// Under a steady stream of writes with a checkpoint after every batch, what the
 /// overlay batches wrote survives a reopen (the overlay applied to redb and the log
 /// replayed).
