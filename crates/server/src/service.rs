@@ -313,10 +313,15 @@ impl Service {
     }
 
     fn require_cert(&self, caller: &Caller, what: &'static str) -> Result<(), ApiError> {
-        if self.settings.require_client_cert && !caller.trusted_cert {
+        if !self.cert_allows(caller) {
             return Err(ApiError::ClientCertRequired(what));
         }
         Ok(())
+    }
+
+    /// Whether the policy lets `caller` do what needs a trusted client certificate.
+    fn cert_allows(&self, caller: &Caller) -> bool {
+        !self.settings.require_client_cert || caller.trusted_cert
     }
 
     /// The store, for health checks and metrics.
@@ -492,7 +497,7 @@ impl Service {
         let (read, write) = self.token_pair(read, write)?;
         let encoded = key.encode();
         if let Some(written) = self
-            .modify_in_place(&encoded, &value, &read, &write, options)
+            .write_in_place(caller, &encoded, &value, &read, &write, options)
             .await?
         {
             return Ok(written);
@@ -591,13 +596,16 @@ impl Service {
         ))
     }
 
-    /// The common write, a plain modify of an existing entry, in one store step: the
-    /// store checks the token hashes and carries the creation time over from the
-    /// current record, so nothing is read first. `None` when this write is not such a
-    /// modify (the entry does not exist, or options or idle expiry need the current
-    /// record): the caller takes the general path.
-    async fn modify_in_place(
+    /// The common writes, a plain modify of an existing entry or the creation of a
+    /// new one, in one store step: the store checks the token hashes and carries the
+    /// creation time over from the current record or, when there is no live entry,
+    /// stores the new record as it is. Nothing is read first. `None` when this write
+    /// is not such a write (options or idle expiry need the current record, or there
+    /// is no entry and this request may not create one here): the caller takes the
+    /// general path, which says why.
+    async fn write_in_place(
         &self,
+        caller: &Caller,
         encoded: &[u8],
         value: &str,
         read: &TokenHash,
@@ -609,31 +617,36 @@ impl Service {
         if self.idle.is_some() || options.create_only || options.ttl.is_some() {
             return Ok(None);
         }
+        // If-Match needs an existing entry, and creating may need a trusted
+        // certificate: without them, only a modify is tried here.
+        let create = options.if_match.is_none() && self.cert_allows(caller);
         let now = now_ms();
         let record = Record {
-            // Replaced by the current record's in the store.
-            created_at_ms: 0,
+            // A modify carries the current record's over.
+            created_at_ms: now,
             updated_at_ms: now,
             read_hash: *read,
             write_hash: *write,
             value: value.to_owned(),
         };
-        let condition = options
-            .if_match
-            .map(Condition::Revision)
-            .unwrap_or(Condition::Exists);
+        let condition = match options.if_match {
+            Some(revision) => Condition::Revision(revision),
+            None if create => Condition::None,
+            None => Condition::Exists,
+        };
         let put = Put {
             guard: Some(ValueGuard {
                 offset: Record::TOKEN_HASHES.start,
                 expected: [read.0, write.0].concat(),
                 carry: Record::CREATED_AT,
+                create,
             }),
             ..Put::new(encoded.to_vec(), record.encode(), condition)
         };
-        match self.store.put(put).await {
-            Ok(revision) => Ok(Some(Written {
-                revision,
-                created: false,
+        match self.store.put_outcome(put).await {
+            Ok(outcome) => Ok(Some(Written {
+                revision: outcome.revision,
+                created: outcome.created,
             })),
             Err(StoreError::Mismatch) => Err(ApiError::Forbidden),
             // Absent, or If-Match did not hold: the general path says which.

@@ -334,8 +334,8 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
         (Some("ready"), Some(1), Some(1))
     );
 
-    // The create looked the key up (a miss), the first read fills the entry cache
-    // (a miss), the next two are answered from it.
+    // The create read nothing first; the first read fills the entry cache (a miss),
+    // the next two are answered from it.
     for _ in 0..3 {
         assert_eq!(get_json(&c, &s.url("/v1/kv/ctx/f/k"), READ).await.0, 200);
     }
@@ -345,9 +345,11 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
         "amphora_http_requests_total{endpoint=\"kv_entry\",method=\"PUT\",status=\"201\"} 1",
         "amphora_http_request_duration_seconds_bucket",
         "amphora_store_commit_batch_size_count",
+        // The create was one operation of one group commit (no failed modify first).
+        "amphora_store_commit_batch_size_sum 1.0\n",
         "amphora_store_entries 1",
         "amphora_entry_cache_hits_total 2",
-        "amphora_entry_cache_misses_total 2",
+        "amphora_entry_cache_misses_total 1\n",
         "amphora_entry_cache_entries 1",
         "amphora_http_request_duration_seconds_count{endpoint=\"kv_entry\"} ",
         // Every endpoint's series exists from the start.

@@ -81,8 +81,8 @@ pub struct Put {
     pub condition: Condition,
     /// What happens to the lease.
     pub lease: LeaseChoice,
-    /// A check of the current value, and bytes carried over from it; needs an
-    /// existing entry.
+    /// A check of the current value, and bytes carried over from it (see
+    /// [`ValueGuard`]).
     pub guard: Option<ValueGuard>,
 }
 
@@ -90,8 +90,11 @@ pub struct Put {
 /// carries over from the current value into the new one. This is how a caller whose
 /// values start with a header (token hashes, a creation time) replaces one without
 /// reading it first: the check and the carry happen in the same atomic step as the
-/// write. A put with a guard fails with [`StoreError::Conflict`] when the key does
-/// not exist and with [`StoreError::Mismatch`] when the check fails.
+/// write. A put with a guard fails with [`StoreError::Mismatch`] when the check
+/// fails. When the key has no live entry, it fails with [`StoreError::Conflict`],
+/// unless `create` is set: then it stores its value as given, a create. So "create
+/// this entry, or replace it if its header matches" is one step too, instead of a
+/// failed guarded put, a read and a second put.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValueGuard {
     /// Where the checked bytes start in the current value.
@@ -100,6 +103,18 @@ pub struct ValueGuard {
     pub expected: Vec<u8>,
     /// These bytes of the current value replace the same bytes of the new one.
     pub carry: std::ops::Range<usize>,
+    /// Without a live entry, create one with the value as given (the put's condition
+    /// still applies first).
+    pub create: bool,
+}
+
+/// What a put did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutOutcome {
+    /// The revision of the change.
+    pub revision: Revision,
+    /// The key had no live entry before: the put created one.
+    pub created: bool,
 }
 
 impl Put {
@@ -200,7 +215,13 @@ pub trait Store: Send + Sync + 'static {
     async fn range(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Page>;
 
     /// Writes one key; answers the revision of the change.
-    async fn put(&self, put: Put) -> Result<Revision>;
+    async fn put(&self, put: Put) -> Result<Revision> {
+        Ok(self.put_outcome(put).await?.revision)
+    }
+
+    /// Writes one key; answers the revision of the change and whether it created the
+    /// entry.
+    async fn put_outcome(&self, put: Put) -> Result<PutOutcome>;
 
     /// Deletes one key; answers the revision of the deletion, or `None` when the key
     /// did not exist (and the condition allowed that).

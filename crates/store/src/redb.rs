@@ -33,7 +33,7 @@ use crate::overlay::{Base, Layer, Overlay, OverlayTables, Tables};
 use crate::wal::{Appender, Wal};
 use crate::{
     CommitInfo, CommitObserver, Condition, Event, EventKind, KeyValue, Lease, LeaseChoice, LeaseId,
-    Page, Put, Result, Revision, Store, StoreError, ValueGuard, now_ms,
+    Page, Put, PutOutcome, Result, Revision, Store, StoreError, ValueGuard, now_ms,
 };
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -166,7 +166,7 @@ enum Op {
 }
 
 enum Outcome {
-    Revision(Revision),
+    Put(PutOutcome),
     Deleted(Option<Revision>),
     Lease(Lease),
     Count(usize),
@@ -516,9 +516,9 @@ impl Store for RedbStore {
         Ok(page)
     }
 
-    async fn put(&self, put: Put) -> Result<Revision> {
+    async fn put_outcome(&self, put: Put) -> Result<PutOutcome> {
         match self.submit(Op::Put(put)).await? {
-            Outcome::Revision(r) => Ok(r),
+            Outcome::Put(p) => Ok(p),
             _ => Err(unexpected()),
         }
     }
@@ -1357,7 +1357,7 @@ impl Writer {
         let mut outcomes = Vec::with_capacity(batch.len());
         for op in batch {
             let outcome = match op {
-                Op::Put(put) => self.put(t, put, now, events).map(Outcome::Revision),
+                Op::Put(put) => self.put(t, put, now, events).map(Outcome::Put),
                 Op::Delete(key, cond) => self
                     .delete(t, key, *cond, now, events)
                     .map(Outcome::Deleted),
@@ -1464,7 +1464,7 @@ impl Writer {
         put: &Put,
         now: u64,
         events: &mut Vec<Event>,
-    ) -> Result<Revision> {
+    ) -> Result<PutOutcome> {
         // A guard is checked against the value found by the same lookup; its verdict
         // counts only after the condition's.
         let (current, guarded) = match Self::current_with(t, &put.key, now, |stored| {
@@ -1494,7 +1494,8 @@ impl Writer {
                 guarded_value = checked?;
                 &guarded_value
             }
-            // Exists, since a guard requires it.
+            (Some(guard), _) if guard.create => &put.value,
+            // Exists, since this guard requires it.
             (Some(_), _) => return Err(StoreError::Conflict { current: None }),
         };
         let lease = match put.lease {
@@ -1534,7 +1535,10 @@ impl Writer {
         if lease != 0 {
             t.lease_key(lease, &put.key, true)?;
         }
-        Ok(revision)
+        Ok(PutOutcome {
+            revision,
+            created: live.is_none(),
+        })
     }
 
     fn delete<T: Tables>(
@@ -1747,8 +1751,13 @@ fn encode_ops(ops: &[&Op]) -> Vec<u8> {
     for op in ops {
         match op {
             Op::Put(p) => {
-                // Tag 9 adds the guard; 1 stays readable for logs written before it.
-                out.push(if p.guard.is_some() { 9 } else { 1 });
+                // Tag 9 adds the guard, 10 a guard that creates; 1 and 9 stay readable
+                // for logs written before them.
+                out.push(match &p.guard {
+                    None => 1,
+                    Some(g) if !g.create => 9,
+                    Some(_) => 10,
+                });
                 put_bytes(&mut out, &p.key);
                 put_bytes(&mut out, &p.value);
                 put_condition(&mut out, p.condition);
@@ -1830,7 +1839,7 @@ fn decode_ops(mut b: &[u8]) -> Result<Vec<Op>> {
     while !b.is_empty() {
         let tag = take(&mut b, 1)?[0];
         ops.push(match tag {
-            1 | 9 => {
+            1 | 9 | 10 => {
                 let key = bytes(&mut b)?;
                 let value = bytes(&mut b)?;
                 let condition = condition(&mut b)?;
@@ -1842,13 +1851,14 @@ fn decode_ops(mut b: &[u8]) -> Result<Vec<Op>> {
                     2 => LeaseChoice::Clear,
                     _ => return Err(bad()),
                 };
-                let guard = if tag == 9 {
+                let guard = if tag != 1 {
                     let mut n = || u64_(&mut b).map(|n| n as usize);
                     let (offset, start, end) = (n()?, n()?, n()?);
                     Some(ValueGuard {
                         offset,
                         carry: start..end,
                         expected: bytes(&mut b)?,
+                        create: tag == 10,
                     })
                 } else {
                     None

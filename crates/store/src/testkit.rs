@@ -79,6 +79,7 @@ async fn guarded_puts(s: impl Store) {
             offset: 4,
             expected: expected.to_vec(),
             carry: 0..4,
+            create: false,
         }),
         ..put(b"g", value, Condition::Exists)
     };
@@ -108,6 +109,81 @@ async fn guarded_puts(s: impl Store) {
         Err(StoreError::Mismatch)
     );
     assert_eq!(s.get(b"g").await.unwrap().unwrap().mod_revision, r);
+
+    // A guard that creates: without a live entry the value is stored as given.
+    let creating = |key: &[u8], expected: &[u8], value: &[u8], condition| Put {
+        guard: Some(ValueGuard {
+            offset: 4,
+            expected: expected.to_vec(),
+            carry: 0..4,
+            create: true,
+        }),
+        ..put(key, value, condition)
+    };
+    let made = s
+        .put_outcome(creating(b"c", b"tok1", b"KEEPtok1v1", Condition::None))
+        .await
+        .unwrap();
+    assert!(made.created);
+    let kv = s.get(b"c").await.unwrap().unwrap();
+    assert_eq!(
+        (kv.value.as_slice(), kv.create_revision, kv.mod_revision),
+        (&b"KEEPtok1v1"[..], made.revision, made.revision)
+    );
+    // With a live entry it is an ordinary guard: checked, carried, not a create.
+    let modified = s
+        .put_outcome(creating(b"c", b"tok1", b"____tok1v2", Condition::None))
+        .await
+        .unwrap();
+    assert!(!modified.created);
+    let kv = s.get(b"c").await.unwrap().unwrap();
+    assert_eq!(
+        (kv.value.as_slice(), kv.create_revision, kv.mod_revision),
+        (&b"KEEPtok1v2"[..], made.revision, modified.revision)
+    );
+    assert_eq!(
+        s.put(creating(b"c", b"tok2", b"____tok2v3", Condition::None))
+            .await,
+        Err(StoreError::Mismatch)
+    );
+    // The condition is decided first.
+    assert_eq!(
+        s.put(creating(b"c", b"tok1", b"____tok1v3", Condition::Absent))
+            .await,
+        Err(StoreError::Conflict {
+            current: Some(modified.revision)
+        })
+    );
+    assert_eq!(
+        s.put(creating(b"d", b"tok1", b"KEEPtok1v1", Condition::Exists))
+            .await,
+        Err(StoreError::Conflict { current: None })
+    );
+    // After a delete, the next one is a new incarnation.
+    s.delete(b"c", Condition::None).await.unwrap();
+    let again = s
+        .put_outcome(creating(b"c", b"tok9", b"NEWWtok9v1", Condition::None))
+        .await
+        .unwrap();
+    assert!(again.created);
+    let kv = s.get(b"c").await.unwrap().unwrap();
+    assert_eq!(
+        (kv.value.as_slice(), kv.create_revision),
+        (&b"NEWWtok9v1"[..], again.revision)
+    );
+    // Unguarded puts report creation too.
+    assert!(
+        s.put_outcome(put(b"u", b"1", Condition::None))
+            .await
+            .unwrap()
+            .created
+    );
+    assert!(
+        !s.put_outcome(put(b"u", b"2", Condition::None))
+            .await
+            .unwrap()
+            .created
+    );
     s.close().await.unwrap();
 }
 

@@ -361,8 +361,21 @@ async fn redb_replays_the_write_ahead_log_after_a_crash() {
             offset: 4,
             expected: b"old".to_vec(),
             carry: 0..4,
+            create: false,
         }),
         ..put("guarded", "____new", Condition::Exists)
+    })
+    .await
+    .unwrap();
+    // So is a guard that creates: replay creates the same entry.
+    s.put(Put {
+        guard: Some(amphora_store::ValueGuard {
+            offset: 4,
+            expected: b"tok".to_vec(),
+            carry: 0..4,
+            create: true,
+        }),
+        ..put("created", "MADEtok", Condition::None)
     })
     .await
     .unwrap();
@@ -378,6 +391,7 @@ async fn redb_replays_the_write_ahead_log_after_a_crash() {
     assert_eq!(r.revision().await.unwrap(), revision);
     assert_eq!(r.range(b"", None, 1000).await.unwrap(), before);
     assert_eq!(r.get(b"guarded").await.unwrap().unwrap().value, b"KEEPnew");
+    assert_eq!(r.get(b"created").await.unwrap().unwrap().value, b"MADEtok");
     assert_eq!(
         r.lease(lease.id).await.unwrap().map(|l| l.id),
         Some(lease.id)
