@@ -111,7 +111,8 @@ pub fn markdown(r: &Results) -> String {
         "\n## Settings\n\n{} clients (one connection each, closed loop unless marked open; in the open \
          loop requests fall due at a fixed rate, an idle connection sends the next one due and \
          latency counts from when it was due), {} s per \
-         measurement after {} s of the same workload unmeasured, keys of {} bytes over a key space of {}, values of {} bytes, {} leases, {} \
+         measurement after {} s of the same workload unmeasured (and, before a system's first get \
+         measurement, one read of every key in order, so that caches filled by reads start warm), keys of {} bytes over a key space of {}, values of {} bytes, {} leases, {} \
          entries for the memory measurement. Amphora runs with its defaults (embedded redb store; \
          every acknowledged write is in the write-ahead log, one fsync per group commit; \
          the B-tree takes the writes of each 20 ms in one checkpoint; page cache of 24 MiB, entry cache of 48 MiB). etcd runs as one member with its defaults; reads use serializable \
