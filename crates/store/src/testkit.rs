@@ -251,8 +251,18 @@ async fn history_and_changes(s: impl Store) {
     s.close().await.unwrap();
 }
 
+/// Sleeps until the store's clock (`now_ms`) reaches `at_ms`.
+async fn sleep_until_ms(at_ms: u64) {
+    let now = crate::now_ms();
+    if at_ms > now {
+        tokio::time::sleep(Duration::from_millis(at_ms - now)).await;
+    }
+}
+
 async fn leases(s: impl Store) {
-    let lease = s.grant_lease(Duration::from_millis(300)).await.unwrap();
+    // Times are relative to the lease's own expiry, with half a second of margin
+    // for a slow machine: a keepalive is a barrier that waits for a checkpoint.
+    let lease = s.grant_lease(Duration::from_secs(1)).await.unwrap();
     let mut p = put(b"l", b"v", Condition::None);
     p.lease = LeaseChoice::Set(lease.id);
     s.put(p).await.unwrap();
@@ -260,15 +270,16 @@ async fn leases(s: impl Store) {
     // A put that keeps the lease stays attached.
     s.put(put(b"l", b"v2", Condition::Exists)).await.unwrap();
     assert_eq!(s.get(b"l").await.unwrap().unwrap().lease, Some(lease.id));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let renewed = s.keep_alive(lease.id).await.unwrap();
-    assert!(renewed.expires_at_ms > lease.expires_at_ms);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(renewed.expires_at_ms >= lease.expires_at_ms + 500);
+    // Past the first expiry, before the renewed one.
+    sleep_until_ms(lease.expires_at_ms + 50).await;
     assert!(
         s.get(b"l").await.unwrap().is_some(),
         "renewed lease keeps its entry"
     );
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    sleep_until_ms(renewed.expires_at_ms + 50).await;
     // Expired: gone for readers before any sweep.
     assert_eq!(s.get(b"l").await.unwrap(), None);
     assert!(s.range(b"", None, 10).await.unwrap().items.is_empty());
