@@ -69,19 +69,32 @@ async fn revisions_and_cas(s: impl Store) {
     s.close().await.unwrap();
 }
 
-async fn guarded_puts(s: impl Store) {
-    // Values with a header: 4 bytes kept by the store, 4 bytes checked, then data.
-    s.put(put(b"g", b"KEEPtok1old", Condition::None))
-        .await
-        .unwrap();
-    let guarded = |expected: &[u8], value: &[u8]| Put {
+/// A put with a guard over values with a header: 4 bytes carried over, 4 bytes
+/// checked against `expected`, then data.
+fn header_guarded(
+    key: &[u8],
+    expected: &[u8],
+    value: &[u8],
+    condition: Condition,
+    create: bool,
+) -> Put {
+    Put {
         guard: Some(ValueGuard {
             offset: 4,
             expected: expected.to_vec(),
             carry: 0..4,
-            create: false,
+            create,
         }),
-        ..put(b"g", value, Condition::Exists)
+        ..put(key, value, condition)
+    }
+}
+
+async fn guarded_puts(s: impl Store) {
+    s.put(put(b"g", b"KEEPtok1old", Condition::None))
+        .await
+        .unwrap();
+    let guarded = |expected: &[u8], value: &[u8]| {
+        header_guarded(b"g", expected, value, Condition::Exists, false)
     };
     assert_eq!(
         s.put(guarded(b"tok2", b"____tok2new")).await,
@@ -111,14 +124,8 @@ async fn guarded_puts(s: impl Store) {
     assert_eq!(s.get(b"g").await.unwrap().unwrap().mod_revision, r);
 
     // A guard that creates: without a live entry the value is stored as given.
-    let creating = |key: &[u8], expected: &[u8], value: &[u8], condition| Put {
-        guard: Some(ValueGuard {
-            offset: 4,
-            expected: expected.to_vec(),
-            carry: 0..4,
-            create: true,
-        }),
-        ..put(key, value, condition)
+    let creating = |key: &[u8], expected: &[u8], value: &[u8], condition| {
+        header_guarded(key, expected, value, condition, true)
     };
     let made = s
         .put_outcome(creating(b"c", b"tok1", b"KEEPtok1v1", Condition::None))
