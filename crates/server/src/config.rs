@@ -64,11 +64,17 @@ pub struct ServeOptions {
     #[arg(long, env = "AMPHORA_ENTRY_CACHE_BYTES", value_name = "BYTES")]
     pub entry_cache_bytes: Option<usize>,
 
-    /// How often the store's B-tree is made durable; between checkpoints the
-    /// write-ahead log holds every acknowledged write [default: 20ms].
+    /// How often the acknowledged writes held in memory are applied to the store's
+    /// B-tree [default: 20ms].
     #[arg(long, env = "AMPHORA_CHECKPOINT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, deserialize_with = "duration::opt")]
     pub checkpoint_interval: Option<Duration>,
+
+    /// How often the store's B-tree is made durable (fsynced); until then the
+    /// write-ahead log holds every acknowledged write [default: 2s].
+    #[arg(long, env = "AMPHORA_CHECKPOINT_SYNC_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "duration::opt")]
+    pub checkpoint_sync_interval: Option<Duration>,
 
     /// The most entries one COMET enumerateScope answers [default: 100000].
     #[arg(long, env = "AMPHORA_MAX_ENUMERATE", value_name = "N")]
@@ -200,6 +206,8 @@ pub struct Settings {
     pub entry_cache_bytes: usize,
     /// Checkpoint interval.
     pub checkpoint_interval: Duration,
+    /// Durable checkpoint interval.
+    pub checkpoint_sync_interval: Duration,
     /// Log format.
     pub log_format: LogFormat,
     /// TLS, when configured.
@@ -265,6 +273,9 @@ impl ServeOptions {
             store_cache_bytes: self.store_cache_bytes.or(lower.store_cache_bytes),
             entry_cache_bytes: self.entry_cache_bytes.or(lower.entry_cache_bytes),
             checkpoint_interval: self.checkpoint_interval.or(lower.checkpoint_interval),
+            checkpoint_sync_interval: self
+                .checkpoint_sync_interval
+                .or(lower.checkpoint_sync_interval),
             log_format: self.log_format.or(lower.log_format),
             tls_cert: self.tls_cert.or(lower.tls_cert),
             tls_key: self.tls_key.or(lower.tls_key),
@@ -332,6 +343,7 @@ impl ServeOptions {
             store_cache_bytes: o.store_cache_bytes.unwrap_or(store.cache_bytes),
             entry_cache_bytes: o.entry_cache_bytes.unwrap_or(store.entry_cache_bytes),
             checkpoint_interval: o.checkpoint_interval.unwrap_or(store.checkpoint_interval),
+            checkpoint_sync_interval: o.checkpoint_sync_interval.unwrap_or(store.sync_interval),
             log_format: o.log_format.unwrap_or_default(),
             tls,
             check_client_cert,
@@ -388,6 +400,7 @@ mod tests {
             (24 << 20, 48 << 20)
         );
         assert_eq!(s.checkpoint_interval, Duration::from_millis(20));
+        assert_eq!(s.checkpoint_sync_interval, Duration::from_secs(2));
     }
 
     #[test]
@@ -401,7 +414,14 @@ mod tests {
         for (id, default) in [
             ("store_cache_bytes", s.store_cache_bytes.to_string()),
             ("entry_cache_bytes", s.entry_cache_bytes.to_string()),
-            ("checkpoint_interval", "20ms".to_string()),
+            (
+                "checkpoint_interval",
+                humantime::format_duration(s.checkpoint_interval).to_string(),
+            ),
+            (
+                "checkpoint_sync_interval",
+                humantime::format_duration(s.checkpoint_sync_interval).to_string(),
+            ),
         ] {
             let text = help(id);
             assert!(

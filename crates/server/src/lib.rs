@@ -77,6 +77,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                 cache_bytes: settings.store_cache_bytes,
                 entry_cache_bytes: settings.entry_cache_bytes,
                 checkpoint_interval: settings.checkpoint_interval,
+                sync_interval: settings.checkpoint_sync_interval,
                 ..RedbOptions::default()
             },
         )

@@ -16,6 +16,7 @@ use std::time::Duration;
 mod cache;
 mod error;
 mod overlay;
+mod paced;
 pub mod redb;
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -6,9 +6,13 @@
 //! thread appends the batch to the write-ahead log (`wal.rs`) with one `fdatasync`
 //! meanwhile. Once the record is durable the batch's changes are merged into the
 //! overlay and each operation is acknowledged and its events published. A checkpoint
-//! (every `checkpoint_interval`, or 64 MiB of log) hands the overlay's changes to the
-//! checkpoint thread, which applies them to redb in one `Durability::Immediate`
-//! commit; the log files it covers are then emptied. Lease operations and compaction
+//! (every `checkpoint_interval`) hands the overlay's changes to the checkpoint
+//! thread, which applies them to redb in one commit. Most commits are not fsynced
+//! (`Durability::None`: readers see them, the log still holds their batches); every
+//! `sync_interval` (or 64 MiB of log) one is `Durability::Immediate`, and the log files
+//! it covers are then emptied. Between two durable checkpoints a B-tree page that
+//! many puts changed reaches the disk once, and `paced.rs` writes it back in steps
+//! that leave the log's fsyncs room. Lease operations and compaction
 //! scan tables, so they run in a redb write transaction on the writer after the
 //! overlay is applied. At start, batches logged after the last checkpoint are
 //! replayed: applying a batch is deterministic given the state and the batch's clock,
@@ -67,10 +71,16 @@ pub struct RedbOptions {
     pub cache_bytes: usize,
     /// Memory for the entry cache (recently read entries; 0 turns it off).
     pub entry_cache_bytes: usize,
-    /// The longest time between checkpoints while writes come in.
+    /// The longest time between checkpoints (the overlay applied to redb) while
+    /// writes come in.
     pub checkpoint_interval: Duration,
-    /// The largest write-ahead log before a checkpoint.
+    /// The largest write-ahead log before a durable checkpoint, and the largest
+    /// overlay before a checkpoint.
     pub checkpoint_bytes: u64,
+    /// The longest time between durable checkpoints while writes come in. The
+    /// checkpoints between them commit to redb without an fsync; the log keeps their
+    /// batches until a durable one holds them.
+    pub sync_interval: Duration,
 }
 
 impl Default for RedbOptions {
@@ -86,6 +96,7 @@ impl Default for RedbOptions {
             entry_cache_bytes: 48 * 1024 * 1024,
             checkpoint_interval: Duration::from_millis(20),
             checkpoint_bytes: 64 * 1024 * 1024,
+            sync_interval: Duration::from_secs(2),
         }
     }
 }
@@ -108,6 +119,7 @@ struct Shared {
     overlay: std::sync::RwLock<Option<Arc<Overlay>>>,
     overlay_epoch: AtomicU64,
     checkpoints: AtomicU64,
+    syncs: AtomicU64,
     overlay_batches: AtomicU64,
     barrier_batches: AtomicU64,
     overlay_peak: AtomicU64,
@@ -119,8 +131,10 @@ struct Shared {
 /// Counts of the engine's checkpoints, for tests and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CheckpointStats {
-    /// Checkpoints made durable.
+    /// Checkpoints: overlay changes committed to redb, durable or not.
     pub checkpoints: u64,
+    /// Durable checkpoints (fsynced; the log let go of what they hold).
+    pub syncs: u64,
     /// Batches decided against the overlay.
     pub overlay_batches: u64,
     /// The most memory one layer of the overlay took, about, in bytes.
@@ -314,9 +328,18 @@ impl RedbStore {
     /// Inside a multi-threaded tokio runtime, writes are answered from tasks spawned
     /// on that runtime: open the store in the runtime that will use it.
     pub fn open(path: &Path, options: RedbOptions) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| StoreError::Io(format!("opening {}: {e}", path.display())))?;
+        let file = crate::paced::PacedFile::new(file)
+            .map_err(|e| StoreError::Io(format!("opening {}: {e}", path.display())))?;
         let db = Database::builder()
             .set_cache_size(options.cache_bytes)
-            .create(path)
+            .create_with_backend(file)
             .map_err(backend)?;
         let (committed, compacted, next_lease, batch_seq) = {
             let txn = db.begin_write().map_err(backend)?;
@@ -356,6 +379,7 @@ impl RedbStore {
             overlay: std::sync::RwLock::new(None),
             overlay_epoch: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
             overlay_batches: AtomicU64::new(0),
             barrier_batches: AtomicU64::new(0),
             overlay_peak: AtomicU64::new(0),
@@ -378,6 +402,7 @@ impl RedbStore {
                 .map_err(|e| StoreError::Io(format!("starting the log thread: {e}")))?,
             seq: batch_seq,
             last_checkpoint: Instant::now(),
+            last_sync: Instant::now(),
             poisoned: false,
             checkpointer,
             wake: queue.downgrade(),
@@ -435,6 +460,7 @@ impl RedbStore {
     pub fn checkpoint_stats(&self) -> CheckpointStats {
         CheckpointStats {
             checkpoints: self.shared.checkpoints.load(Ordering::Relaxed),
+            syncs: self.shared.syncs.load(Ordering::Relaxed),
             overlay_batches: self.shared.overlay_batches.load(Ordering::Relaxed),
             overlay_peak_bytes: self.shared.overlay_peak.load(Ordering::Relaxed),
             barrier_batches: self.shared.barrier_batches.load(Ordering::Relaxed),
@@ -688,6 +714,8 @@ struct Writer {
     /// The sequence number of the last logged batch.
     seq: u64,
     last_checkpoint: Instant,
+    /// When the last durable checkpoint ended.
+    last_sync: Instant,
     /// Set when a batch was logged but its commit failed, or a checkpoint failed:
     /// memory and redb disagree, so no further write is accepted until a restart
     /// replays the log.
@@ -710,6 +738,8 @@ struct CheckpointJob {
     revision: Revision,
     next_lease: LeaseId,
     seq: u64,
+    /// Whether the commit is durable (fsynced); the log keeps every batch until one is.
+    durable: bool,
     wake: mpsc::WeakSender<Pending>,
 }
 
@@ -718,8 +748,9 @@ struct CheckpointJob {
 struct Checkpointer {
     jobs: Option<std::sync::mpsc::Sender<CheckpointJob>>,
     done: std::sync::mpsc::Receiver<Result<()>>,
-    /// The sequence number of the running checkpoint, if one runs.
-    running: Option<u64>,
+    /// The sequence number of the running checkpoint, if one runs, and whether it
+    /// is durable.
+    running: Option<(u64, bool)>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -751,7 +782,7 @@ impl Checkpointer {
                 loop {
                     match job_rx.recv_timeout(idle) {
                         Ok(job) => {
-                            let result = durable_commit(&shared.db, &job);
+                            let result = commit_checkpoint(&shared.db, &job);
                             drop(job.wake);
                             if done_tx.send(result).is_err() {
                                 break;
@@ -777,7 +808,7 @@ impl Checkpointer {
     }
 
     fn start(&mut self, job: CheckpointJob) -> Result<()> {
-        let seq = job.seq;
+        let seq = (job.seq, job.durable);
         self.jobs
             .as_ref()
             .and_then(|jobs| jobs.send(job).ok())
@@ -795,11 +826,16 @@ impl Checkpointer {
     }
 }
 
-/// Applies a job's changes and makes every committed batch durable in the B-tree:
-/// one commit with redb's default durability, which flushes every buffered page and
-/// fsyncs.
-fn durable_commit(db: &Database, job: &CheckpointJob) -> Result<()> {
-    let txn = db.begin_write().map_err(backend)?;
+/// Applies a job's changes in one redb commit. A durable job makes every committed
+/// batch durable in the B-tree: redb's default durability, which writes every
+/// buffered page and fsyncs (paced, see paced.rs). Otherwise the commit only makes
+/// the changes redb's: readers see them, the log still holds them.
+fn commit_checkpoint(db: &Database, job: &CheckpointJob) -> Result<()> {
+    let mut txn = db.begin_write().map_err(backend)?;
+    if !job.durable {
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    }
     if let Some(changes) = &job.changes {
         RedbTables::open(&txn)?.apply(&crate::overlay::read(changes))?;
     }
@@ -1052,17 +1088,24 @@ impl Writer {
         }
     }
 
-    /// Starts a checkpoint if one is due and none runs.
+    /// Starts a checkpoint if one is due and none runs: a durable one when the log
+    /// has waited `sync_interval` for one (or grew to `checkpoint_bytes`), else one
+    /// that only applies the overlay, every `checkpoint_interval`.
     fn maybe_checkpoint(&mut self) {
         let pending = self.overlay.as_ref().map(|o| o.bytes() as u64);
-        let unsettled = pending.is_some() || self.wal.len() > 0;
-        let due = self.wal.len() >= self.options.checkpoint_bytes
-            || pending.is_some_and(|bytes| bytes >= self.options.checkpoint_bytes)
-            || (unsettled && self.last_checkpoint.elapsed() >= self.options.checkpoint_interval);
+        let logged = self.wal.len() > 0;
+        let sync = logged
+            && (self.wal.len() >= self.options.checkpoint_bytes
+                || self.last_sync.elapsed() >= self.options.sync_interval);
+        let due = sync
+            || pending.is_some_and(|bytes| {
+                bytes >= self.options.checkpoint_bytes
+                    || self.last_checkpoint.elapsed() >= self.options.checkpoint_interval
+            });
         if due
             && self.checkpointer.running.is_none()
             && !self.poisoned
-            && let Err(e) = self.start_checkpoint()
+            && let Err(e) = self.start_checkpoint(sync)
         {
             tracing::error!(error = %e, "starting a checkpoint failed; the write-ahead log keeps every write");
         }
@@ -1073,11 +1116,15 @@ impl Writer {
     }
 
     /// Hands the overlay's changes to the checkpoint thread, which applies them to
-    /// redb and makes everything durable; batches from now on go to a new layer.
-    fn start_checkpoint(&mut self) -> Result<()> {
-        self.wal
-            .switch()
-            .map_err(|e| StoreError::Io(format!("switching the write-ahead log: {e}")))?;
+    /// redb (and, if `durable`, makes everything durable: the log's active file is
+    /// switched first, so that the one it empties afterwards holds nothing newer);
+    /// batches from now on go to a new layer.
+    fn start_checkpoint(&mut self, durable: bool) -> Result<()> {
+        if durable {
+            self.wal
+                .switch()
+                .map_err(|e| StoreError::Io(format!("switching the write-ahead log: {e}")))?;
+        }
         let frozen = self.overlay.as_ref().map(|o| o.current.clone());
         if let Some(old) = &self.overlay {
             let overlay = Arc::new(Overlay::new(
@@ -1093,6 +1140,7 @@ impl Writer {
             revision: self.revision,
             next_lease: self.next_lease,
             seq: self.seq,
+            durable,
             wake: self.wake.clone(),
         })
     }
@@ -1100,7 +1148,7 @@ impl Writer {
     /// If a checkpoint runs and is done (or, with `wait`, once it is): lets the log
     /// go of what it made durable and rebases the overlay on redb as it now is.
     fn settle_checkpoint(&mut self, wait: bool) {
-        let Some(seq) = self.checkpointer.running else {
+        let Some((seq, durable)) = self.checkpointer.running else {
             return;
         };
         let done = if wait {
@@ -1122,8 +1170,12 @@ impl Writer {
         let rebased = result.and_then(|()| {
             self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
             self.last_checkpoint = Instant::now();
-            if let Err(e) = self.wal.release(seq) {
-                tracing::warn!(error = %e, "the write-ahead log could not be emptied");
+            if durable {
+                self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+                self.last_sync = self.last_checkpoint;
+                if let Err(e) = self.wal.release(seq) {
+                    tracing::warn!(error = %e, "the write-ahead log could not be emptied");
+                }
             }
             let Some(old) = self.overlay.take() else {
                 return Ok(());
@@ -1186,21 +1238,24 @@ impl Writer {
         self.wal
             .switch()
             .map_err(|e| StoreError::Io(format!("switching the write-ahead log: {e}")))?;
-        durable_commit(
+        commit_checkpoint(
             &self.shared.db,
             &CheckpointJob {
                 changes: None,
                 revision: self.revision,
                 next_lease: self.next_lease,
                 seq: self.seq,
+                durable: true,
                 wake: self.wake.clone(),
             },
         )?;
         self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.shared.syncs.fetch_add(1, Ordering::Relaxed);
         self.wal
             .release_now(self.seq)
             .map_err(|e| StoreError::Io(format!("emptying the write-ahead log: {e}")))?;
         self.last_checkpoint = Instant::now();
+        self.last_sync = self.last_checkpoint;
         Ok(())
     }
 

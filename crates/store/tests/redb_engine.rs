@@ -1,5 +1,6 @@
 //! The conformance suite and the model-based test, run against the redb engine.
 
+use amphora_store::Store as _;
 use amphora_store::redb::{RedbOptions, RedbStore};
 use amphora_store::testkit;
 use proptest::prelude::*;
@@ -10,9 +11,21 @@ fn open(dir: &tempfile::TempDir) -> RedbStore {
 
 /// A checkpoint starts after every batch: batches meet frozen layers, rebases and
 /// retired overlays, and lease operations and compactions meet running checkpoints.
+/// None of them is durable: redb holds commits the log must still replay.
 fn constant_checkpoints() -> RedbOptions {
     RedbOptions {
         checkpoint_interval: std::time::Duration::ZERO,
+        sync_interval: std::time::Duration::from_secs(3600),
+        ..RedbOptions::default()
+    }
+}
+
+/// The same with every checkpoint durable: the log switches files and empties them
+/// all the time.
+fn constant_syncs() -> RedbOptions {
+    RedbOptions {
+        checkpoint_interval: std::time::Duration::ZERO,
+        sync_interval: std::time::Duration::ZERO,
         ..RedbOptions::default()
     }
 }
@@ -36,6 +49,11 @@ async fn redb_passes_conformance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redb_passes_conformance_with_constant_checkpoints() {
     conformance(constant_checkpoints).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redb_passes_conformance_with_constant_syncs() {
+    conformance(constant_syncs).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,45 +191,148 @@ async fn sweeps_and_compactions_with_nothing_to_do_are_not_barriers() {
 /// replayed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlay_batches_survive_a_reopen() {
-    use amphora_store::{Condition, Put, Store};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("test.redb");
-    let store = RedbStore::open(&path, constant_checkpoints()).unwrap();
-    let s = &store;
-    type Write<'a> = std::pin::Pin<
-        Box<dyn std::future::Future<Output = amphora_store::Result<u64>> + Send + 'a>,
-    >;
-    let mut writes: Vec<Write> = Vec::new();
-    for i in 0..2000u32 {
-        let key = format!("k{:04}", i % 500).into_bytes();
-        writes.push(s.put(Put::new(key, i.to_string().into_bytes(), Condition::None)));
-        if i % 7 == 0 {
-            let gone = format!("k{:04}", (i + 3) % 500).into_bytes();
-            writes.push(Box::pin(async move {
-                s.delete(&gone, Condition::None).await.map(|_| 0)
-            }));
-        }
-    }
-    for w in futures_like_join(writes).await {
-        w.unwrap();
-    }
+    let store = RedbStore::open(&path, constant_syncs()).unwrap();
+    let state = churn(&store).await;
     let stats = store.checkpoint_stats();
-    assert!(stats.checkpoints > 0, "{stats:?}");
-    assert!(stats.overlay_batches > 0, "{stats:?}");
-    let revision = store.revision().await.unwrap();
-    let all = store.range(b"", None, 10_000).await.unwrap();
-    let count = store.entry_count().await.unwrap();
-    assert_eq!(count, all.items.len() as u64);
-    let changes = store.changes(1, 100_000).await.unwrap();
-    assert_eq!(changes.len() as u64, revision);
+    assert!(stats.syncs > 1, "{stats:?}");
     store.close().await.unwrap();
     drop(store);
     let reopened = RedbStore::open(&path, RedbOptions::default()).unwrap();
-    assert_eq!(reopened.revision().await.unwrap(), revision);
-    assert_eq!(reopened.range(b"", None, 10_000).await.unwrap(), all);
-    assert_eq!(reopened.entry_count().await.unwrap(), count);
-    assert_eq!(reopened.changes(1, 100_000).await.unwrap(), changes);
+    assert_eq!(State::of(&reopened).await, state);
     reopened.close().await.unwrap();
+}
+
+/// Checkpoints that were not made durable are lost in a crash with whatever redb
+/// had not written yet; the log still holds their batches, and replay brings back
+/// every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_checkpoints_that_were_not_durable_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(&dir.path().join("a.redb"), constant_checkpoints()).unwrap();
+    let state = churn(&store).await;
+    let stats = store.checkpoint_stats();
+    // The one durable checkpoint is the one at open; the others were not durable.
+    assert_eq!(stats.syncs, 1, "{stats:?}");
+    assert!(stats.checkpoints > stats.syncs, "{stats:?}");
+
+    let crashed = crash(&dir);
+    let r = RedbStore::open(&crashed.path().join("a.redb"), RedbOptions::default()).unwrap();
+    assert_eq!(State::of(&r).await, state);
+    r.close().await.unwrap();
+    store.close().await.unwrap();
+}
+
+/// With writes coming in, a durable checkpoint follows every `sync_interval`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_checkpoints_follow_the_sync_interval() {
+    use amphora_store::{Condition, Put, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let options = RedbOptions {
+        sync_interval: std::time::Duration::from_millis(30),
+        ..RedbOptions::default()
+    };
+    let store = RedbStore::open(&dir.path().join("a.redb"), options).unwrap();
+    let at_open = store.checkpoint_stats().syncs;
+    let started = std::time::Instant::now();
+    let mut i = 0u32;
+    while store.checkpoint_stats().syncs < at_open + 3 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "{:?}",
+            store.checkpoint_stats()
+        );
+        store
+            .put(Put::new(
+                b"k".to_vec(),
+                i.to_string().into_bytes(),
+                Condition::None,
+            ))
+            .await
+            .unwrap();
+        i += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // Once writes stop, the last of them reaches the B-tree durably without another
+    // write: redb's file alone, without the log, has it.
+    let last = (i - 1).to_string().into_bytes();
+    let started = std::time::Instant::now();
+    loop {
+        let copy = tempfile::tempdir().unwrap();
+        std::fs::copy(dir.path().join("a.redb"), copy.path().join("a.redb")).unwrap();
+        let alone = RedbStore::open(&copy.path().join("a.redb"), RedbOptions::default()).unwrap();
+        let value = alone.get(b"k").await.unwrap().map(|kv| kv.value);
+        alone.close().await.unwrap();
+        if value.as_ref() == Some(&last) {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "redb alone has {value:?}; {:?}",
+            store.checkpoint_stats()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    store.close().await.unwrap();
+}
+
+/// What a store answers, for comparing one with another.
+#[derive(Debug, PartialEq)]
+struct State {
+    revision: u64,
+    all: amphora_store::Page,
+    count: u64,
+    changes: Vec<amphora_store::Event>,
+}
+
+impl State {
+    async fn of(store: &RedbStore) -> State {
+        use amphora_store::Store;
+        let revision = store.revision().await.unwrap();
+        let all = store.range(b"", None, 10_000).await.unwrap();
+        let count = store.entry_count().await.unwrap();
+        assert_eq!(count, all.items.len() as u64);
+        let changes = store.changes(1, 100_000).await.unwrap();
+        assert_eq!(changes.len() as u64, revision);
+        State {
+            revision,
+            all,
+            count,
+            changes,
+        }
+    }
+}
+
+/// Rounds of concurrent puts and deletes (each round shares group commits; the
+/// rounds make many batches, so checkpoints come between them), and the state they
+/// leave.
+async fn churn(store: &RedbStore) -> State {
+    use amphora_store::{Condition, Put, Store};
+    let s = store;
+    type Write<'a> = std::pin::Pin<
+        Box<dyn std::future::Future<Output = amphora_store::Result<u64>> + Send + 'a>,
+    >;
+    for round in 0..20u32 {
+        let mut writes: Vec<Write> = Vec::new();
+        for i in round * 100..(round + 1) * 100 {
+            let key = format!("k{:04}", i % 500).into_bytes();
+            writes.push(s.put(Put::new(key, i.to_string().into_bytes(), Condition::None)));
+            if i % 7 == 0 {
+                let gone = format!("k{:04}", (i + 3) % 500).into_bytes();
+                writes.push(Box::pin(async move {
+                    s.delete(&gone, Condition::None).await.map(|_| 0)
+                }));
+            }
+        }
+        for w in futures_like_join(writes).await {
+            w.unwrap();
+        }
+    }
+    let stats = store.checkpoint_stats();
+    assert!(stats.checkpoints > 0, "{stats:?}");
+    assert!(stats.overlay_batches >= 20, "{stats:?}");
+    State::of(store).await
 }
 
 /// Reads stay linearizable with the entry cache while commits go on: a read never
@@ -382,11 +503,7 @@ async fn redb_replays_the_write_ahead_log_after_a_crash() {
     let revision = s.revision().await.unwrap();
     let before = s.range(b"", None, 1000).await.unwrap();
 
-    // The crash: whatever the files hold now.
-    let crashed = tempfile::tempdir().unwrap();
-    for f in ["a.redb", "a.wal", "a.wal.1"] {
-        std::fs::copy(dir.path().join(f), crashed.path().join(f)).unwrap();
-    }
+    let crashed = crash(&dir);
     let r = RedbStore::open(&crashed.path().join("a.redb"), RedbOptions::default()).unwrap();
     assert_eq!(r.revision().await.unwrap(), revision);
     assert_eq!(r.range(b"", None, 1000).await.unwrap(), before);
@@ -407,6 +524,15 @@ async fn redb_replays_the_write_ahead_log_after_a_crash() {
     );
     r.close().await.unwrap();
     s.close().await.unwrap();
+}
+
+/// The crash: a copy of whatever the files of store `a` in `dir` hold now.
+fn crash(dir: &tempfile::TempDir) -> tempfile::TempDir {
+    let crashed = tempfile::tempdir().unwrap();
+    for f in ["a.redb", "a.wal", "a.wal.1"] {
+        std::fs::copy(dir.path().join(f), crashed.path().join(f)).unwrap();
+    }
+    crashed
 }
 
 /// Awaits futures concurrently so that they share group commits.
