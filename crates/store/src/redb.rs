@@ -14,7 +14,7 @@
 //! many puts changed reaches the disk once, and `paced.rs` writes it back in steps
 //! that leave the log's fsyncs room. Lease operations and compaction
 //! scan tables, so they run in a redb write transaction on the writer after the
-//! overlay is applied. At start, batches logged after the last checkpoint are
+//! overlay is applied. At start, batches logged after the last durable checkpoint are
 //! replayed: applying a batch is deterministic given the state and the batch's clock,
 //! both of which the log keeps. Readers open their own MVCC read transactions (and
 //! read the overlay while one is published) and never wait for a commit; `get` looks
@@ -1259,7 +1259,7 @@ impl Writer {
         Ok(())
     }
 
-    /// Re-applies the batches logged after the last checkpoint, then checkpoints.
+    /// Re-applies the batches logged after the last durable checkpoint, then makes a durable one.
     fn replay(&mut self, records: Vec<crate::wal::Record>) -> Result<()> {
         let mut replayed = 0;
         for record in records {
