@@ -32,19 +32,93 @@ pub(crate) fn rfc3339(ms: u64) -> String {
 }
 
 /// A time in milliseconds since the epoch, shown and serialized as RFC 3339 with
-/// milliseconds; serialized straight into the output, without a `String` of its own.
+/// milliseconds (`2026-12-06T02:41:07.123Z`, as `humantime` writes it), without a
+/// `String` of its own.
+///
+/// A list of 100 entries writes 200 of them. `humantime`'s formatter, called through
+/// `collect_str` (which escapes what it writes piece by piece), took 7 % of the
+/// server's CPU listing 100-entry families; this one fills 24 bytes on the stack,
+/// two digits at a time. Measured with the harness (`list` over 10 families of 100
+/// entries, alternating 6 s runs, 2 rounds each): 136 -> 120 µs of server CPU per
+/// list, 11.5k -> 12.9k lists per second.
 #[derive(Clone, Copy)]
 pub(crate) struct Rfc3339(pub u64);
 
+impl Rfc3339 {
+    /// The text, for years up to 9999 (RFC 3339 has four digits for the year).
+    fn text(self) -> Option<[u8; 24]> {
+        let secs = self.0 / 1000;
+        let (year, month, day) = civil_from_days(secs / 86_400);
+        if year > 9999 {
+            return None;
+        }
+        let of_day = secs % 86_400;
+        let ms = self.0 % 1000;
+        let mut out = *b"0000-00-00T00:00:00.000Z";
+        let pairs = [
+            (0, year / 100),
+            (2, year % 100),
+            (5, month),
+            (8, day),
+            (11, of_day / 3600),
+            (14, of_day / 60 % 60),
+            (17, of_day % 60),
+            (21, ms % 100),
+        ];
+        for (at, n) in pairs {
+            out[at..at + 2].copy_from_slice(&TWO_DIGITS[n as usize]);
+        }
+        out[20] = b'0' + (ms / 100) as u8;
+        Some(out)
+    }
+}
+
+/// `00` to `99`, so that a timestamp is written two digits at a time.
+const TWO_DIGITS: [[u8; 2]; 100] = {
+    let mut t = [[0; 2]; 100];
+    let mut i = 0;
+    while i < 100 {
+        t[i] = [b'0' + (i / 10) as u8, b'0' + (i % 10) as u8];
+        i += 1;
+    }
+    t
+};
+
+/// The proleptic Gregorian date `days` after 1970-01-01, as (year, month, day):
+/// Howard Hinnant's `civil_from_days`, for days on or after the epoch.
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
 impl std::fmt::Display for Rfc3339 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(self.0)).fmt(f)
+        match self.text() {
+            Some(text) => f.write_str(std::str::from_utf8(&text).map_err(|_| std::fmt::Error)?),
+            None => {
+                humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(self.0)).fmt(f)
+            }
+        }
     }
 }
 
 impl Serialize for Rfc3339 {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        match self.text() {
+            Some(text) => s.serialize_str(std::str::from_utf8(&text).map_err(|_| {
+                serde::ser::Error::custom("a timestamp's text is ASCII digits and signs")
+            })?),
+            None => s.collect_str(self),
+        }
     }
 }
 
@@ -504,6 +578,32 @@ mod tests {
             serde_json::to_string(&[Some(t), None]).unwrap(),
             r#"["2025-12-02T03:14:56.789Z",null]"#
         );
+    }
+
+    #[test]
+    fn timestamps_read_as_humantime_writes_them() {
+        let mut times = vec![
+            0,
+            1,
+            999,
+            86_399_999,
+            86_400_000,
+            951_782_400_000,   // 2000-02-29
+            951_868_800_000,   // 2000-03-01
+            4_107_542_400_000, // 2100-03-01
+            1_796_000_000_123,
+            253_402_300_799_999, // 9999-12-31T23:59:59.999Z
+        ];
+        // Every day from 1970 to past 2400, at a moving time of day.
+        times.extend((0..160_000u64).map(|d| d * 86_400_000 + d * 7_919 % 86_400_000));
+        for ms in times {
+            let humantime =
+                humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms))
+                    .to_string();
+            assert_eq!(Rfc3339(ms).to_string(), humantime, "{ms} ms");
+            let json = serde_json::to_string(&Rfc3339(ms)).unwrap();
+            assert_eq!(json, format!("\"{humantime}\""), "{ms} ms");
+        }
     }
 
     #[test]
