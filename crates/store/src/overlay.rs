@@ -15,10 +15,11 @@
 //! Outcomes are decided by the same code everywhere: `put` and `delete` in `redb.rs`
 //! are written against the [`Tables`] trait, which redb's write tables and the
 //! overlay both implement, so a batch decided here and the same batch replayed from
-//! the log into redb after a crash agree by construction. Operations that scan
-//! (lease grant, keep-alive, revoke, sweep, compaction) are barriers: the writer
-//! waits for a running checkpoint, applies the overlay to redb itself, retires it,
-//! and runs them in a redb write transaction.
+//! the log into redb after a crash agree by construction. So are lease grants and
+//! keep-alives, which change one lease record and its place in the expiry index.
+//! Operations that scan (revoke, sweep, compaction) are barriers: the writer waits
+//! for a running checkpoint, applies the overlay to redb itself, retires it, and
+//! runs them in a redb write transaction.
 //!
 //! Readers find the overlay through `Shared::overlay` while one is published and
 //! read current layer, frozen layer, then base: a consistent state that contains
@@ -27,7 +28,9 @@
 //! overlay object see the same state through the layer); an overlay is retired only
 //! once redb holds all of it.
 
-use crate::redb::{GRAVES, KV, LEASES, LOG, Stored, backend, decode_event, lease_live};
+use crate::redb::{
+    GRAVES, KV, LEASE_EXPIRY, LEASES, LOG, Stored, backend, decode_event, lease_live, live_lease,
+};
 use crate::{Event, KeyValue, Lease, LeaseId, Page, Result, Revision};
 use redb::{ReadOnlyTable, ReadTransaction, ReadableTableMetadata};
 use std::collections::{BTreeMap, HashMap};
@@ -48,6 +51,9 @@ pub(crate) trait Tables {
     /// Removes the grave of `key`; answers the revision it held.
     fn grave_remove(&mut self, key: &[u8]) -> Result<Option<Revision>>;
     fn lease_live(&self, id: LeaseId, now: u64) -> Result<Option<Lease>>;
+    /// Stores a lease's record (TTL and expiry, in ms) and moves its place in the
+    /// expiry index from `was_expiring` (its expiry before, if it had a record).
+    fn lease_put(&mut self, lease: &Lease, was_expiring: Option<u64>) -> Result<()>;
     /// Adds (`attach`) or removes the link of `key` to `lease`.
     fn lease_key(&mut self, lease: LeaseId, key: &[u8], attach: bool) -> Result<()>;
 }
@@ -58,6 +64,10 @@ pub(crate) struct Changes {
     pub(crate) kv: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     pub(crate) log: BTreeMap<Revision, Vec<u8>>,
     pub(crate) graves: HashMap<Vec<u8>, Option<Revision>>,
+    /// Lease records written (TTL, expiry in ms). Only barriers remove leases.
+    pub(crate) leases: HashMap<LeaseId, (u64, u64)>,
+    /// The expiry index's changes, (expiry, lease) → present: the last one counts.
+    pub(crate) lease_expiry: BTreeMap<(u64, LeaseId), bool>,
     /// In order: a key can be attached and detached within one overlay.
     pub(crate) lease_keys: Vec<(LeaseId, Vec<u8>, bool)>,
     /// Entries added, less entries removed.
@@ -75,6 +85,8 @@ impl Changes {
         self.kv.is_empty()
             && self.log.is_empty()
             && self.graves.is_empty()
+            && self.leases.is_empty()
+            && self.lease_expiry.is_empty()
             && self.lease_keys.is_empty()
     }
 
@@ -82,6 +94,8 @@ impl Changes {
         self.kv.extend(later.kv);
         self.log.extend(later.log);
         self.graves.extend(later.graves);
+        self.leases.extend(later.leases);
+        self.lease_expiry.extend(later.lease_expiry);
         self.lease_keys.extend(later.lease_keys);
         self.entries += later.entries;
         self.bytes += later.bytes;
@@ -94,6 +108,7 @@ pub(crate) struct Base {
     log: ReadOnlyTable<u64, &'static [u8]>,
     graves: ReadOnlyTable<&'static [u8], u64>,
     leases: ReadOnlyTable<u64, (u64, u64)>,
+    lease_expiry: ReadOnlyTable<(u64, u64), ()>,
     entries: u64,
 }
 
@@ -106,6 +121,7 @@ impl Base {
             log: txn.open_table(LOG).map_err(backend)?,
             graves: txn.open_table(GRAVES).map_err(backend)?,
             leases: txn.open_table(LEASES).map_err(backend)?,
+            lease_expiry: txn.open_table(LEASE_EXPIRY).map_err(backend)?,
         }))
     }
 }
@@ -188,9 +204,37 @@ impl Overlay {
     }
 
     pub(crate) fn lease_live(&self, id: LeaseId, now: u64) -> Result<Option<Lease>> {
-        // Leases do not change while an overlay is published (their operations are
-        // barriers): the base has them as they are.
+        for layer in self.layers() {
+            if let Some(&record) = read(layer).leases.get(&id) {
+                return Ok(live_lease(id, record, now));
+            }
+        }
         lease_live(&self.base.leases, id, now)
+    }
+
+    /// Whether some lease's expiry is `now` or earlier: the expiry index as the
+    /// layers left it over the base's.
+    pub(crate) fn lease_expired_by(&self, now: u64) -> Result<bool> {
+        let due = (0, 0)..=(now, u64::MAX);
+        // Index entries a newer layer removed.
+        let mut removed = std::collections::HashSet::new();
+        for layer in self.layers() {
+            for (at_id, present) in read(layer).lease_expiry.range(due.clone()) {
+                if removed.contains(at_id) {
+                    continue;
+                }
+                if *present {
+                    return Ok(true);
+                }
+                removed.insert(*at_id);
+            }
+        }
+        for item in self.base.lease_expiry.range(due).map_err(backend)? {
+            if !removed.contains(&item.map_err(backend)?.0.value()) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     pub(crate) fn get(&self, key: &[u8], now: u64) -> Result<Option<KeyValue>> {
@@ -384,7 +428,25 @@ impl Tables for OverlayTables<'_> {
     }
 
     fn lease_live(&self, id: LeaseId, now: u64) -> Result<Option<Lease>> {
-        self.overlay.lease_live(id, now)
+        match self.batch.leases.get(&id) {
+            Some(&record) => Ok(live_lease(id, record, now)),
+            None => self.overlay.lease_live(id, now),
+        }
+    }
+
+    fn lease_put(&mut self, lease: &Lease, was_expiring: Option<u64>) -> Result<()> {
+        let ttl_ms = lease.ttl.as_millis() as u64;
+        self.batch.bytes += 3 * 64;
+        self.batch
+            .leases
+            .insert(lease.id, (ttl_ms, lease.expires_at_ms));
+        if let Some(at) = was_expiring {
+            self.batch.lease_expiry.insert((at, lease.id), false);
+        }
+        self.batch
+            .lease_expiry
+            .insert((lease.expires_at_ms, lease.id), true);
+        Ok(())
     }
 
     fn lease_key(&mut self, lease: LeaseId, key: &[u8], attach: bool) -> Result<()> {

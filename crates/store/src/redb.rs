@@ -12,9 +12,9 @@
 //! `sync_interval` (or 64 MiB of log) one is `Durability::Immediate`, and the log files
 //! it covers are then emptied. Between two durable checkpoints a B-tree page that
 //! many puts changed reaches the disk once, and `paced.rs` writes it back in steps
-//! that leave the log's fsyncs room. Lease operations and compaction
-//! scan tables, so they run in a redb write transaction on the writer after the
-//! overlay is applied. At start, batches logged after the last durable checkpoint are
+//! that leave the log's fsyncs room. Lease grants and keep-alives are decided
+//! against the overlay like puts; revokes, sweeps and compaction scan tables, so
+//! they run in a redb write transaction on the writer after the overlay is applied. At start, batches logged after the last durable checkpoint are
 //! replayed: applying a batch is deterministic given the state and the batch's clock,
 //! both of which the log keeps. Readers open their own MVCC read transactions (and
 //! read the overlay while one is published) and never wait for a commit; `get` looks
@@ -51,7 +51,8 @@ pub(crate) const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 pub(crate) const GRAVES: TableDefinition<&[u8], u64> = TableDefinition::new("graves");
 pub(crate) const LEASES: TableDefinition<u64, (u64, u64)> = TableDefinition::new("leases");
-const LEASE_EXPIRY: TableDefinition<(u64, u64), ()> = TableDefinition::new("lease_expiry");
+pub(crate) const LEASE_EXPIRY: TableDefinition<(u64, u64), ()> =
+    TableDefinition::new("lease_expiry");
 const LEASE_KEYS: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("lease_keys");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -139,7 +140,7 @@ pub struct CheckpointStats {
     pub overlay_batches: u64,
     /// The most memory one layer of the overlay took, about, in bytes.
     pub overlay_peak_bytes: u64,
-    /// Logged batches run in a redb write transaction instead (lease operations,
+    /// Logged batches run in a redb write transaction instead (lease revokes,
     /// sweeps, compactions): each waited for the running checkpoint and applied the
     /// overlay first, with every write waiting behind it.
     pub barrier_batches: u64,
@@ -312,14 +313,23 @@ pub(crate) fn lease_live(
     if id == 0 {
         return Ok(None);
     }
-    Ok(leases.get(id).map_err(backend)?.and_then(|g| {
-        let (ttl_ms, expires_at_ms) = g.value();
-        (expires_at_ms > now).then_some(Lease {
-            id,
-            ttl: Duration::from_millis(ttl_ms),
-            expires_at_ms,
-        })
-    }))
+    Ok(leases
+        .get(id)
+        .map_err(backend)?
+        .and_then(|g| live_lease(id, g.value(), now)))
+}
+
+/// The lease a record (TTL, expiry in ms) describes, if it has not expired by `now`.
+pub(crate) fn live_lease(
+    id: LeaseId,
+    (ttl_ms, expires_at_ms): (u64, u64),
+    now: u64,
+) -> Option<Lease> {
+    (expires_at_ms > now).then_some(Lease {
+        id,
+        ttl: Duration::from_millis(ttl_ms),
+        expires_at_ms,
+    })
 }
 
 impl RedbStore {
@@ -642,6 +652,9 @@ impl Store for RedbStore {
     }
 
     async fn lease(&self, id: LeaseId) -> Result<Option<Lease>> {
+        if let Some(overlay) = self.overlay() {
+            return overlay.lease_live(id, now_ms());
+        }
         let txn = self.read()?;
         let leases = txn.open_table(LEASES).map_err(backend)?;
         lease_live(&leases, id, now_ms())
@@ -649,16 +662,22 @@ impl Store for RedbStore {
 
     async fn sweep_expired_leases(&self) -> Result<usize> {
         // A sweep is a barrier: it waits for the running checkpoint and stops every
-        // write meanwhile. Leases live in redb only (their operations are barriers
-        // too), so one read tells whether it would find anything.
-        let txn = self.read()?;
-        let expiry = txn.open_table(LEASE_EXPIRY).map_err(backend)?;
-        let due = expiry
-            .range((0u64, 0u64)..=(now_ms(), u64::MAX))
-            .map_err(backend)?
-            .next()
-            .is_some();
-        drop((expiry, txn));
+        // write meanwhile, so one read first tells whether it would find anything
+        // (in the overlay's expiry index over its base while one is published: grants
+        // and keep-alives are decided there).
+        let now = now_ms();
+        let due = match self.overlay() {
+            Some(overlay) => overlay.lease_expired_by(now)?,
+            None => {
+                let txn = self.read()?;
+                let expiry = txn.open_table(LEASE_EXPIRY).map_err(backend)?;
+                expiry
+                    .range((0u64, 0u64)..=(now, u64::MAX))
+                    .map_err(backend)?
+                    .next()
+                    .is_some()
+            }
+        };
         if !due {
             return Ok(0);
         }
@@ -903,6 +922,16 @@ impl<'t> RedbTables<'t> {
             }
             .map_err(backend)?;
         }
+        for (id, record) in &changes.leases {
+            self.leases.insert(id, record).map_err(backend)?;
+        }
+        for (at_id, present) in &changes.lease_expiry {
+            match present {
+                true => self.lease_expiry.insert(at_id, ()).map(|_| ()),
+                false => self.lease_expiry.remove(at_id).map(|_| ()),
+            }
+            .map_err(backend)?;
+        }
         for (lease, key, attach) in &changes.lease_keys {
             self.lease_key(*lease, key, *attach)?;
         }
@@ -947,6 +976,22 @@ impl Tables for RedbTables<'_> {
         lease_live(&self.leases, id, now)
     }
 
+    fn lease_put(&mut self, lease: &Lease, was_expiring: Option<u64>) -> Result<()> {
+        if let Some(at) = was_expiring {
+            self.lease_expiry.remove((at, lease.id)).map_err(backend)?;
+        }
+        self.lease_expiry
+            .insert((lease.expires_at_ms, lease.id), ())
+            .map_err(backend)?;
+        self.leases
+            .insert(
+                lease.id,
+                (lease.ttl.as_millis() as u64, lease.expires_at_ms),
+            )
+            .map_err(backend)?;
+        Ok(())
+    }
+
     fn lease_key(&mut self, lease: LeaseId, key: &[u8], attach: bool) -> Result<()> {
         if attach {
             self.lease_keys.insert((lease, key), ()).map_err(backend)?;
@@ -958,15 +1003,22 @@ impl Tables for RedbTables<'_> {
 }
 
 /// Where a decided batch waits for its log record to be durable.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one lives on the writer's stack per batch, and is moved once"
+)]
 enum Staged<'o> {
     Redb(Box<redb::WriteTransaction>),
     Overlay(&'o Overlay, crate::overlay::Changes),
 }
 
-/// Only puts and deletes are decided against an overlay; anything else waits for
-/// the checkpoint (see overlay.rs).
+/// Puts, deletes, lease grants and keep-alives are decided against an overlay;
+/// anything else waits for the checkpoint (see overlay.rs).
 fn overlay_can_take(op: &Op) -> bool {
-    matches!(op, Op::Put(_) | Op::Delete(..) | Op::Shutdown)
+    matches!(
+        op,
+        Op::Put(_) | Op::Delete(..) | Op::Grant(_) | Op::KeepAlive(_) | Op::Shutdown
+    )
 }
 
 impl Writer {
@@ -1416,6 +1468,8 @@ impl Writer {
                 Op::Delete(key, cond) => self
                     .delete(t, key, *cond, now, events)
                     .map(Outcome::Deleted),
+                Op::Grant(ttl) => self.grant(t, *ttl, now).map(Outcome::Lease),
+                Op::KeepAlive(id) => Self::keep_alive(t, *id, now).map(Outcome::Lease),
                 Op::Shutdown | Op::Wake => Ok(Outcome::Done),
                 other_op => other(self, t, other_op, events),
             };
@@ -1441,15 +1495,18 @@ impl Writer {
         let outcomes = {
             let mut t = RedbTables::open(txn)?;
             self.run_ops(&mut t, batch, now, events, |w, t, op, events| match op {
-                Op::Grant(ttl) => w.grant(t, *ttl, now).map(Outcome::Lease),
-                Op::KeepAlive(id) => Self::keep_alive(t, *id, now).map(Outcome::Lease),
                 Op::Revoke(id) => w.revoke(t, *id, now, events).map(|_| Outcome::Done),
                 Op::Sweep => w.sweep(t, now, events).map(Outcome::Count),
                 Op::Compact(before) => w.compact(t, *before).map(|(n, c)| {
                     compacted = c.or(compacted);
                     Outcome::Count(n)
                 }),
-                Op::Put(_) | Op::Delete(..) | Op::Shutdown | Op::Wake => {
+                Op::Put(_)
+                | Op::Delete(..)
+                | Op::Grant(_)
+                | Op::KeepAlive(_)
+                | Op::Shutdown
+                | Op::Wake => {
                     unreachable!("run_ops decides these")
                 }
             })?
@@ -1666,41 +1723,29 @@ impl Writer {
         )
     }
 
-    fn grant(&mut self, t: &mut RedbTables, ttl: Duration, now: u64) -> Result<Lease> {
+    fn grant<T: Tables>(&mut self, t: &mut T, ttl: Duration, now: u64) -> Result<Lease> {
         let id = self.next_lease;
         self.next_lease += 1;
         let ttl_ms = (ttl.as_millis() as u64).max(1);
-        let expires_at_ms = now.saturating_add(ttl_ms);
-        t.leases
-            .insert(id, (ttl_ms, expires_at_ms))
-            .map_err(backend)?;
-        t.lease_expiry
-            .insert((expires_at_ms, id), ())
-            .map_err(backend)?;
-        Ok(Lease {
+        let lease = Lease {
             id,
             ttl: Duration::from_millis(ttl_ms),
-            expires_at_ms,
-        })
+            expires_at_ms: now.saturating_add(ttl_ms),
+        };
+        t.lease_put(&lease, None)?;
+        Ok(lease)
     }
 
-    fn keep_alive(t: &mut RedbTables, id: LeaseId, now: u64) -> Result<Lease> {
-        let lease = lease_live(&t.leases, id, now)?.ok_or(StoreError::LeaseNotFound(id))?;
-        let ttl_ms = lease.ttl.as_millis() as u64;
-        let expires_at_ms = now.saturating_add(ttl_ms);
-        t.lease_expiry
-            .remove((lease.expires_at_ms, id))
-            .map_err(backend)?;
-        t.lease_expiry
-            .insert((expires_at_ms, id), ())
-            .map_err(backend)?;
-        t.leases
-            .insert(id, (ttl_ms, expires_at_ms))
-            .map_err(backend)?;
-        Ok(Lease {
-            expires_at_ms,
+    fn keep_alive<T: Tables>(t: &mut T, id: LeaseId, now: u64) -> Result<Lease> {
+        let lease = t
+            .lease_live(id, now)?
+            .ok_or(StoreError::LeaseNotFound(id))?;
+        let renewed = Lease {
+            expires_at_ms: now.saturating_add(lease.ttl.as_millis() as u64),
             ..lease
-        })
+        };
+        t.lease_put(&renewed, Some(lease.expires_at_ms))?;
+        Ok(renewed)
     }
 
     fn revoke(

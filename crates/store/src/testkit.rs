@@ -268,7 +268,7 @@ async fn sleep_until_ms(at_ms: u64) {
 
 async fn leases(s: impl Store) {
     // Times are relative to the lease's own expiry, with half a second of margin
-    // for a slow machine: a keepalive is a barrier that waits for a checkpoint.
+    // for a slow machine.
     let lease = s.grant_lease(Duration::from_secs(1)).await.unwrap();
     let mut p = put(b"l", b"v", Condition::None);
     p.lease = LeaseChoice::Set(lease.id);
