@@ -17,9 +17,10 @@
 //! overlay both implement, so a batch decided here and the same batch replayed from
 //! the log into redb after a crash agree by construction. So are lease grants and
 //! keep-alives, which change one lease record and its place in the expiry index.
-//! Operations that scan (revoke, sweep, compaction) are barriers: the writer waits
-//! for a running checkpoint, applies the overlay to redb itself, retires it, and
-//! runs them in a redb write transaction.
+//! Operations that scan (revoke, sweep, compaction) are barriers: the writer applies
+//! the overlay to redb itself, retires it, and runs them in a redb write
+//! transaction. It holds them back while a checkpoint runs or the overlay is big
+//! (see `Writer::run`), so that they neither wait for a checkpoint nor apply much.
 //!
 //! Readers find the overlay through `Shared::overlay` while one is published and
 //! read current layer, frozen layer, then base: a consistent state that contains

@@ -123,6 +123,7 @@ struct Shared {
     syncs: AtomicU64,
     overlay_batches: AtomicU64,
     barrier_batches: AtomicU64,
+    deferred_barriers: AtomicU64,
     overlay_peak: AtomicU64,
     /// Set while some acknowledged writes are not durable in redb yet: the
     /// checkpoint thread then wakes an idle writer to make them so.
@@ -141,9 +142,12 @@ pub struct CheckpointStats {
     /// The most memory one layer of the overlay took, about, in bytes.
     pub overlay_peak_bytes: u64,
     /// Logged batches run in a redb write transaction instead (lease revokes,
-    /// sweeps, compactions): each waited for the running checkpoint and applied the
-    /// overlay first, with every write waiting behind it.
+    /// sweeps, compactions): each applied the overlay first, with every write
+    /// waiting behind it.
     pub barrier_batches: u64,
+    /// Barrier operations that came while a checkpoint ran and waited for its end
+    /// apart, instead of making every write wait for it too.
+    pub deferred_barriers: u64,
 }
 
 impl Shared {
@@ -286,6 +290,18 @@ pub(crate) fn decode_event(revision: Revision, bytes: &[u8]) -> Result<(Event, R
     Ok((event, prev))
 }
 
+/// A log event's kind and time, without decoding the rest.
+fn event_head(revision: Revision, bytes: &[u8]) -> Result<(EventKind, u64)> {
+    let bad = || StoreError::Corrupted(format!("log record {revision} is malformed"));
+    let kind = match bytes.first() {
+        Some(1) => EventKind::Put,
+        Some(2) => EventKind::Delete,
+        _ => return Err(bad()),
+    };
+    let at_ms = bytes.get(1..9).ok_or_else(bad)?;
+    Ok((kind, u64::from_be_bytes(at_ms.try_into().expect("8 bytes"))))
+}
+
 /// Walks a key's history back from its newest event; `lookup` finds an event and
 /// the revision of the one before it, or nothing where compaction took it (the
 /// history ends there).
@@ -392,6 +408,7 @@ impl RedbStore {
             syncs: AtomicU64::new(0),
             overlay_batches: AtomicU64::new(0),
             barrier_batches: AtomicU64::new(0),
+            deferred_barriers: AtomicU64::new(0),
             overlay_peak: AtomicU64::new(0),
             unsettled: std::sync::atomic::AtomicBool::new(false),
         });
@@ -418,6 +435,8 @@ impl RedbStore {
             wake: queue.downgrade(),
             runtime: tokio::runtime::Handle::try_current().ok(),
             overlay: None,
+            deferred: Vec::new(),
+            deferred_since: None,
         };
         writer.replay(records)?;
         let handle = std::thread::Builder::new()
@@ -474,6 +493,7 @@ impl RedbStore {
             overlay_batches: self.shared.overlay_batches.load(Ordering::Relaxed),
             overlay_peak_bytes: self.shared.overlay_peak.load(Ordering::Relaxed),
             barrier_batches: self.shared.barrier_batches.load(Ordering::Relaxed),
+            deferred_barriers: self.shared.deferred_barriers.load(Ordering::Relaxed),
         }
     }
 
@@ -747,7 +767,16 @@ struct Writer {
     /// Writes acknowledged but not yet in redb (see overlay.rs); `None` when redb
     /// holds everything.
     overlay: Option<Arc<Overlay>>,
+    /// Barrier operations held back, in order, and since when (see `run`).
+    deferred: Vec<Pending>,
+    deferred_since: Option<Instant>,
 }
+
+/// A held-back barrier runs once no checkpoint runs and the overlay it must apply
+/// first is at most this big (about 20 ms of puts at 25,000 per second)...
+const BARRIER_OVERLAY_BYTES: usize = 512 * 1024;
+/// ... or, under a load that keeps it bigger, once it has waited this long.
+const BARRIER_MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// What the checkpoint thread makes durable.
 struct CheckpointJob {
@@ -1046,10 +1075,38 @@ impl Writer {
                         .send(Err(StoreError::Unavailable("the store is closing".into())));
                 }
             }
+            if stopping || self.barriers_may_run() {
+                // Deferred barriers first: they came before this batch.
+                if !self.deferred.is_empty() {
+                    batch.splice(0..0, std::mem::take(&mut self.deferred));
+                    self.deferred_since = None;
+                }
+            } else if batch.iter().any(|p| !overlay_can_take(&p.op)) {
+                // A barrier waits for the running checkpoint (a durable one writes back
+                // tens of MiB: hundreds of milliseconds) and then applies the overlay
+                // itself, and every write in its batch and after it waits too. Held
+                // back, it runs once no checkpoint runs and the overlay is small (the
+                // checkpoint thread wakes this one after each checkpoint), while
+                // writes go on against the overlay.
+                let (barriers, rest) = batch.into_iter().partition(|p| !overlay_can_take(&p.op));
+                batch = rest;
+                for barrier in barriers {
+                    self.shared
+                        .deferred_barriers
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.deferred.push(barrier);
+                }
+                self.deferred_since.get_or_insert_with(Instant::now);
+            }
             if !batch.is_empty() {
                 self.commit_batch(batch);
             }
             self.maybe_checkpoint();
+        }
+        if !self.deferred.is_empty() {
+            // Every sender is gone: what waits still gets decided and answered.
+            let deferred = std::mem::take(&mut self.deferred);
+            self.commit_batch(deferred);
         }
         if let Err(e) = self.flush().and_then(|()| self.checkpoint()) {
             tracing::error!(error = %e, "final checkpoint failed; the write-ahead log keeps every write");
@@ -1061,6 +1118,18 @@ impl Writer {
                 .reply
                 .send(Err(StoreError::Unavailable("the store is closed".into())));
         }
+    }
+
+    /// Whether held-back barriers may run now (see `run`).
+    fn barriers_may_run(&self) -> bool {
+        self.checkpointer.running.is_none()
+            && (self
+                .overlay
+                .as_ref()
+                .is_none_or(|o| o.bytes() <= BARRIER_OVERLAY_BYTES)
+                || self
+                    .deferred_since
+                    .is_some_and(|since| since.elapsed() >= BARRIER_MAX_WAIT))
     }
 
     fn commit_batch(&mut self, batch: Vec<Pending>) {
@@ -1795,7 +1864,12 @@ impl Writer {
     }
 
     fn compact(&mut self, t: &mut RedbTables, before_ms: u64) -> Result<(usize, Option<Revision>)> {
-        let mut doomed = Vec::new();
+        // One pass reads the head of the log as far as it is older than the cutoff,
+        // decoding each event's kind and time only (and a deletion's key); one more
+        // removes that range.
+        let mut count = 0;
+        let mut last = None;
+        let mut deletions = Vec::new();
         for item in t
             .log
             .iter()
@@ -1803,29 +1877,34 @@ impl Writer {
             .take(self.options.compaction_step)
         {
             let (k, v) = item.map_err(backend)?;
-            let (event, _) = decode_event(k.value(), v.value())?;
-            if event.at_ms >= before_ms {
+            let (revision, bytes) = (k.value(), v.value());
+            let (kind, at_ms) = event_head(revision, bytes)?;
+            if at_ms >= before_ms {
                 break;
             }
-            doomed.push(event);
+            if kind == EventKind::Delete {
+                deletions.push((revision, decode_event(revision, bytes)?.0.key));
+            }
+            count += 1;
+            last = Some(revision);
         }
-        let last = doomed.last().map(|d| d.revision);
-        for event in &doomed {
-            t.log.remove(event.revision).map_err(backend)?;
-            if event.kind == EventKind::Delete {
-                // The grave points at this deletion only while no newer incarnation exists.
-                let points_here = t
-                    .graves
-                    .get(event.key.as_slice())
-                    .map_err(backend)?
-                    .map(|g| g.value())
-                    == Some(event.revision);
-                if points_here {
-                    t.graves.remove(event.key.as_slice()).map_err(backend)?;
-                }
+        let Some(last) = last else {
+            return Ok((0, None));
+        };
+        t.log.retain_in(..=last, |_, _| false).map_err(backend)?;
+        for (revision, key) in deletions {
+            // The grave points at this deletion only while no newer incarnation exists.
+            let points_here = t
+                .graves
+                .get(key.as_slice())
+                .map_err(backend)?
+                .map(|g| g.value())
+                == Some(revision);
+            if points_here {
+                t.graves.remove(key.as_slice()).map_err(backend)?;
             }
         }
-        Ok((doomed.len(), last))
+        Ok((count, Some(last)))
     }
 }
 

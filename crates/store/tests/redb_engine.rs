@@ -219,6 +219,79 @@ async fn a_keep_alive_in_the_overlay_hides_the_old_expiry() {
     store.close().await.unwrap();
 }
 
+/// Revokes, sweeps and compactions that come while a checkpoint runs are held back
+/// until it is done (writes go on meanwhile), then decided in order: with every
+/// checkpoint durable and one starting after every batch, they are all held back,
+/// and each still does what it did as a barrier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barriers_held_back_behind_checkpoints_still_do_their_work() {
+    use amphora_store::{Condition, LeaseChoice, Put, Store, StoreError};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let s = RedbStore::open(&dir.path().join("a.redb"), constant_syncs()).unwrap();
+    let lease = s.grant_lease(Duration::from_secs(600)).await.unwrap();
+    let short = s.grant_lease(Duration::from_millis(300)).await.unwrap();
+    for (key, id) in [(&b"revoked"[..], lease.id), (b"expired", short.id)] {
+        let put = Put {
+            lease: LeaseChoice::Set(id),
+            ..Put::new(key.to_vec(), b"v".to_vec(), Condition::None)
+        };
+        s.put(put).await.unwrap();
+    }
+    let started = std::time::Instant::now();
+    let mut swept_in_all = 0;
+    while s.checkpoint_stats().deferred_barriers < 3 || swept_in_all == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            s.checkpoint_stats()
+        );
+        let puts = (0..50u32).map(|i| {
+            s.put(Put::new(
+                format!("k{i}").into_bytes(),
+                b"v".to_vec(),
+                Condition::None,
+            ))
+        });
+        for p in futures_like_join(puts.collect()).await {
+            p.unwrap();
+        }
+        // Each alongside a stream of puts, so that checkpoints keep running.
+        let cutoff = amphora_store::now_ms();
+        let (_, swept, compacted) = tokio::join!(
+            futures_like_join(
+                (50..100u32)
+                    .map(|i| s.put(Put::new(
+                        format!("k{i}").into_bytes(),
+                        b"v".to_vec(),
+                        Condition::None
+                    )))
+                    .collect()
+            ),
+            s.sweep_expired_leases(),
+            s.compact_history(cutoff),
+        );
+        swept_in_all += swept.unwrap();
+        compacted.unwrap();
+    }
+    assert_eq!(swept_in_all, 1);
+    assert_eq!(
+        s.history(b"expired", 1).await.unwrap()[0].kind,
+        amphora_store::EventKind::Delete
+    );
+    s.revoke_lease(lease.id).await.unwrap();
+    assert_eq!(s.get(b"revoked").await.unwrap(), None);
+    assert_eq!(s.get(b"expired").await.unwrap(), None);
+    assert_eq!(s.lease(lease.id).await.unwrap(), None);
+    // Compacted: the first events are gone, the entries are not.
+    assert!(matches!(
+        s.changes(1, 10).await,
+        Err(StoreError::Compacted { .. })
+    ));
+    assert_eq!(s.entry_count().await.unwrap(), 100);
+    s.close().await.unwrap();
+}
+
 /// Grants, keep-alives and puts on leases, decided against the overlay while
 /// checkpoints run after every batch: none is a barrier, and a crash loses none of
 /// them (replay decides them again from the log, to the same expiries).
