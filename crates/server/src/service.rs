@@ -13,7 +13,7 @@ use amphora_model::{
     TokenRole, check_token_strength, context_prefix, family_prefix, validate_name,
 };
 use amphora_store::{
-    Condition, EventKind, KeyValue, Lease, LeaseChoice, Put, Revision, Store, StoreError,
+    Condition, EventKind, KeyValue, Lease, LeaseChoice, LeaseId, Put, Revision, Store, StoreError,
     ValueGuard, now_ms,
 };
 use dashmap::DashMap;
@@ -415,6 +415,18 @@ impl Service {
         })
     }
 
+    /// Revokes a lease no entry is attached to, without making the request wait: a
+    /// revoke is a barrier the store may hold back until its running checkpoint is
+    /// done, and if it fails the lease expires by itself, holding nothing.
+    fn revoke_unused(&self, id: LeaseId) {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.revoke_lease(id).await {
+                tracing::debug!(lease = id, error = %e, "an unused lease was left to expire");
+            }
+        });
+    }
+
     /// Reads an entry; `None` when it does not exist or the read token is not its own.
     pub async fn read(
         &self,
@@ -573,14 +585,14 @@ impl Service {
                 Ok(revision) => {
                     if let (LeaseChoice::Set(_), Some(old)) = (lease, old_lease) {
                         // The entry moved to its new lease; the old one holds nothing now.
-                        let _ = self.store.revoke_lease(old).await;
+                        self.revoke_unused(old);
                     }
                     self.touch(&encoded, now);
                     return Ok(Written { revision, created });
                 }
                 Err(StoreError::Conflict { .. }) => {
                     if let LeaseChoice::Set(id) = lease {
-                        let _ = self.store.revoke_lease(id).await;
+                        self.revoke_unused(id);
                     }
                     if options.if_match.is_some() {
                         return Err(ApiError::PreconditionFailed(
