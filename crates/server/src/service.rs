@@ -401,9 +401,10 @@ impl Service {
     }
 
     async fn entry(&self, key: EntryKey, kv: &KeyValue, record: Record) -> Result<Entry, ApiError> {
-        let expires_at_ms = match kv.lease {
-            Some(id) => self.store.lease(id).await?.map(|l| l.expires_at_ms),
-            None => None,
+        let expires_at_ms = match (kv.lease, kv.lease_expires_at_ms) {
+            (None, _) => None,
+            (Some(_), Some(at)) => Some(at),
+            (Some(id), None) => self.store.lease(id).await?.map(|l| l.expires_at_ms),
         };
         Ok(Entry {
             key,

@@ -123,6 +123,7 @@ impl Cached {
             create_revision,
             mod_revision,
             lease: None,
+            lease_expires_at_ms: None,
         }
     }
 
@@ -329,6 +330,7 @@ mod tests {
             create_revision: 1,
             mod_revision: revision,
             lease: None,
+            lease_expires_at_ms: None,
         }
     }
 
@@ -414,6 +416,7 @@ mod tests {
             create_revision: 3,
             mod_revision: u64::MAX - 1,
             lease: None,
+            lease_expires_at_ms: None,
         };
         let t = ticket(&cache, &entry.key);
         cache.offer(t, &entry);

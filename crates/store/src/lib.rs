@@ -44,6 +44,10 @@ pub struct KeyValue {
     pub mod_revision: Revision,
     /// The lease the entry is attached to, if any.
     pub lease: Option<LeaseId>,
+    /// When that lease expires (ms since the Unix epoch), as the engine found it
+    /// while reading the entry: `None` without a lease, or from an engine that does
+    /// not read leases with entries (then [`Store::lease`] tells).
+    pub lease_expires_at_ms: Option<u64>,
 }
 
 /// The precondition of a write; a write whose condition fails changes nothing and

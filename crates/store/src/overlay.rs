@@ -249,7 +249,10 @@ impl Overlay {
         };
         match stored {
             (0, kv) => Ok(Some(kv)),
-            (lease, kv) => Ok(self.lease_live(lease, now)?.map(|_| kv)),
+            (lease, kv) => Ok(self.lease_live(lease, now)?.map(|l| KeyValue {
+                lease_expires_at_ms: Some(l.expires_at_ms),
+                ..kv
+            })),
         }
     }
 
@@ -309,14 +312,20 @@ impl Overlay {
             };
             let Some(record) = record else { continue };
             let stored = Stored::decode(&record)?;
-            if stored.lease != 0 && self.lease_live(stored.lease, now)?.is_none() {
-                continue;
-            }
+            let expires = match stored.lease {
+                0 => None,
+                id => match self.lease_live(id, now)? {
+                    Some(lease) => Some(lease.expires_at_ms),
+                    None => continue,
+                },
+            };
             if page.items.len() == limit {
                 page.more = true;
                 break;
             }
-            page.items.push(stored.to_key_value(&key));
+            let mut found = stored.to_key_value(&key);
+            found.lease_expires_at_ms = expires;
+            page.items.push(found);
         }
         Ok(page)
     }

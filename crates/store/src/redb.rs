@@ -245,6 +245,7 @@ impl<'a> Stored<'a> {
             create_revision: self.create,
             mod_revision: self.modified,
             lease: (self.lease != 0).then_some(self.lease),
+            lease_expires_at_ms: None,
         }
     }
 }
@@ -476,13 +477,15 @@ impl RedbStore {
             return Ok(None);
         };
         let stored = Stored::decode(guard.value())?;
+        let mut found = stored.to_key_value(key);
         if stored.lease != 0 {
             let leases = txn.open_table(LEASES).map_err(backend)?;
-            if lease_live(&leases, stored.lease, now_ms())?.is_none() {
+            let Some(lease) = lease_live(&leases, stored.lease, now_ms())? else {
                 return Ok(None);
-            }
+            };
+            found.lease_expires_at_ms = Some(lease.expires_at_ms);
         }
-        Ok(Some(stored.to_key_value(key)))
+        Ok(Some(found))
     }
 
     /// How many checkpoints and overlay batches there were since the store opened.
@@ -560,14 +563,20 @@ impl Store for RedbStore {
                 break;
             }
             let stored = Stored::decode(v.value())?;
-            if stored.lease != 0 && lease_live(&leases, stored.lease, now)?.is_none() {
-                continue;
-            }
+            let expires = match stored.lease {
+                0 => None,
+                id => match lease_live(&leases, id, now)? {
+                    Some(lease) => Some(lease.expires_at_ms),
+                    None => continue,
+                },
+            };
             if page.items.len() == limit {
                 page.more = true;
                 break;
             }
-            page.items.push(stored.to_key_value(k.value()));
+            let mut found = stored.to_key_value(k.value());
+            found.lease_expires_at_ms = expires;
+            page.items.push(found);
         }
         Ok(page)
     }
