@@ -812,9 +812,9 @@ struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// Starts the thread. While nothing runs, it wakes the writer every `interval`
-    /// that `shared.unsettled` is set, so acknowledged writes reach redb without a
-    /// further write.
+    /// Starts the thread. While nothing runs and `shared.unsettled` is set, it wakes
+    /// the writer every `interval` (at least once a second), so acknowledged writes
+    /// reach redb without a further write and held-back barriers get their turn.
     fn spawn(
         shared: Arc<Shared>,
         interval: Duration,
@@ -832,7 +832,9 @@ impl Checkpointer {
                 });
             }
         };
-        let idle = interval.max(Duration::from_millis(10));
+        // At least every second, so that a barrier held back behind a big overlay
+        // gets its turn (see `BARRIER_MAX_WAIT`) under a long checkpoint interval.
+        let idle = interval.clamp(Duration::from_millis(10), BARRIER_MAX_WAIT);
         let thread = std::thread::Builder::new()
             .name("amphora-checkpoint".into())
             .spawn(move || {

@@ -292,6 +292,40 @@ async fn barriers_held_back_behind_checkpoints_still_do_their_work() {
     s.close().await.unwrap();
 }
 
+/// A barrier held back behind an overlay bigger than it may apply gets its turn
+/// within about a second even when no checkpoint or sync would come for an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_barrier_behind_a_big_overlay_waits_at_most_a_second() {
+    use amphora_store::{Condition, Put, Store};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let options = RedbOptions {
+        checkpoint_interval: Duration::from_secs(3600),
+        sync_interval: Duration::from_secs(3600),
+        ..RedbOptions::default()
+    };
+    let s = RedbStore::open(&dir.path().join("a.redb"), options).unwrap();
+    // About 1 MiB of overlay: more than a held-back barrier may apply at once.
+    let puts = (0..1000u32).map(|i| {
+        s.put(Put::new(
+            format!("k{i:04}").into_bytes(),
+            vec![b'v'; 1000],
+            Condition::None,
+        ))
+    });
+    for p in futures_like_join(puts.collect()).await {
+        p.unwrap();
+    }
+    let compacting = s.compact_history(amphora_store::now_ms() + 1);
+    let compacted = tokio::time::timeout(Duration::from_secs(30), compacting)
+        .await
+        .expect("the compaction got its turn")
+        .unwrap();
+    assert_eq!(compacted, 1000);
+    assert!(s.checkpoint_stats().deferred_barriers >= 1);
+    s.close().await.unwrap();
+}
+
 /// Grants, keep-alives and puts on leases, decided against the overlay while
 /// checkpoints run after every batch: none is a barrier, and a crash loses none of
 /// them (replay decides them again from the log, to the same expiries).
