@@ -132,12 +132,7 @@ pub(crate) fn json_ok<T: Serialize>(body: &T, size_hint: usize) -> Result<Respon
     let mut buf = Vec::with_capacity(size_hint);
     serde_json::to_writer(&mut buf, body)
         .map_err(|e| ApiError::Internal(format!("cannot serialize a response: {e}")))?;
-    let mut response = Response::new(Body::from(buf));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Ok(response)
+    Ok(json_bytes_ok(buf))
 }
 
 pub(crate) fn header_token<'h>(
@@ -216,37 +211,64 @@ fn token_pair(headers: &HeaderMap) -> Result<(&str, &str), ApiError> {
     ))
 }
 
-#[derive(Serialize)]
-struct EntryBody<'a> {
-    context: &'a str,
-    family: &'a str,
-    key: &'a str,
-    value: &'a RawValue,
-    revision: u64,
-    created_at: Rfc3339,
-    updated_at: Rfc3339,
-    expires_at: Option<Rfc3339>,
+/// Writes an entry's body, `{"context", "family", "key", "value", "revision",
+/// "created_at", "updated_at", "expires_at"}`, at the end of `out`.
+///
+/// By hand rather than through `serde`: the stored value is JSON text already
+/// (checked when it was written, see [`Record::value`](amphora_model::Record)), so it
+/// is copied as it is instead of being parsed again into a `RawValue` on every read,
+/// and the field names are written as constants.
+fn write_entry_body(out: &mut Vec<u8>, e: &Entry) {
+    debug_assert!(
+        serde_json::from_str::<&RawValue>(&e.value).is_ok(),
+        "a stored value is JSON text"
+    );
+    out.extend_from_slice(b"{\"context\":");
+    write_json_str(out, &e.key.context);
+    out.extend_from_slice(b",\"family\":");
+    write_json_str(out, &e.key.family);
+    out.extend_from_slice(b",\"key\":");
+    write_json_str(out, &e.key.key);
+    out.extend_from_slice(b",\"value\":");
+    out.extend_from_slice(e.value.as_bytes());
+    out.extend_from_slice(b",\"revision\":");
+    out.extend_from_slice(itoa::Buffer::new().format(e.revision).as_bytes());
+    out.extend_from_slice(b",\"created_at\":");
+    write_time(out, Rfc3339(e.created_at_ms));
+    out.extend_from_slice(b",\"updated_at\":");
+    write_time(out, Rfc3339(e.updated_at_ms));
+    out.extend_from_slice(b",\"expires_at\":");
+    match e.expires_at_ms {
+        Some(ms) => write_time(out, Rfc3339(ms)),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.push(b'}');
 }
 
-#[derive(Serialize)]
-struct ListBody<'a> {
-    entries: Vec<EntryBody<'a>>,
-    next: Option<String>,
+/// Writes `s` as a JSON string, quoted and escaped.
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    // A `str` into a `Vec`: neither serializing nor writing can fail.
+    let _ = serde_json::to_writer(out, s);
 }
 
-fn entry_body(e: &Entry) -> Result<EntryBody<'_>, ApiError> {
-    let value: &RawValue = serde_json::from_str(&e.value)
-        .map_err(|err| ApiError::Internal(format!("stored value is not JSON: {err}")))?;
-    Ok(EntryBody {
-        context: &e.key.context,
-        family: &e.key.family,
-        key: &e.key.key,
-        value,
-        revision: e.revision,
-        created_at: Rfc3339(e.created_at_ms),
-        updated_at: Rfc3339(e.updated_at_ms),
-        expires_at: e.expires_at_ms.map(Rfc3339),
-    })
+/// Writes a time as a JSON string.
+fn write_time(out: &mut Vec<u8>, t: Rfc3339) {
+    out.push(b'"');
+    match t.text() {
+        Some(text) => out.extend_from_slice(&text),
+        None => out.extend_from_slice(t.to_string().as_bytes()),
+    }
+    out.push(b'"');
+}
+
+/// A `200 OK` response of JSON text already written.
+fn json_bytes_ok(body: Vec<u8>) -> Response {
+    let mut response = Response::new(Body::from(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// What an entry's body is likely to take, for [`json_ok`].
@@ -256,7 +278,11 @@ fn entry_size(e: &Entry) -> usize {
 }
 
 fn etag(revision: u64) -> HeaderValue {
-    HeaderValue::from_str(&format!("\"{revision}\"")).expect("digits and quotes are valid")
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(revision).as_bytes();
+    let mut quoted = [b'"'; 22];
+    quoted[1..=digits.len()].copy_from_slice(digits);
+    HeaderValue::from_bytes(&quoted[..digits.len() + 2]).expect("digits and quotes are valid")
 }
 
 /// `GET /v1/kv/{context}/{family}/{key}`, through the router (see `read_entry`).
@@ -282,7 +308,9 @@ pub(crate) async fn read_entry(
         .read(caller, key, read)
         .await?
         .ok_or(ApiError::NotFound)?;
-    let mut response = json_ok(&entry_body(&entry)?, entry_size(&entry))?;
+    let mut body = Vec::with_capacity(entry_size(&entry));
+    write_entry_body(&mut body, &entry);
+    let mut response = json_bytes_ok(body);
     response
         .headers_mut()
         .insert(header::ETAG, etag(entry.revision));
@@ -495,18 +523,25 @@ pub async fn list(
             limit,
         )
         .await?;
-    let entries = listing
-        .entries
-        .iter()
-        .map(entry_body)
-        .collect::<Result<Vec<_>, _>>()?;
     let next = listing
         .next
         .map(|k| hex(k.strip_prefix(prefix).unwrap_or(&k)));
-    // Serialized straight from the borrowed bodies: `json!` would first build a
-    // tree of every entry, parsing each stored value again.
     let size = listing.entries.iter().map(entry_size).sum::<usize>() + 64;
-    json_ok(&ListBody { entries, next }, size)
+    let mut body = Vec::with_capacity(size);
+    body.extend_from_slice(b"{\"entries\":[");
+    for (i, entry) in listing.entries.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        write_entry_body(&mut body, entry);
+    }
+    body.extend_from_slice(b"],\"next\":");
+    match next {
+        Some(cursor) => write_json_str(&mut body, &cursor),
+        None => body.extend_from_slice(b"null"),
+    }
+    body.push(b'}');
+    Ok(json_bytes_ok(body))
 }
 
 /// `GET /v1/kv/{context}/{family}/{key}/history`: recent changes, deletions included.
@@ -560,6 +595,69 @@ pub async fn keep_alive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(names: [&str; 3], value: &str, expires_at_ms: Option<u64>) -> Entry {
+        Entry {
+            key: EntryKey {
+                context: names[0].into(),
+                family: names[1].into(),
+                key: names[2].into(),
+            },
+            value: value.into(),
+            revision: 18_446_744_073_709_551_615,
+            created_at_ms: 1_764_645_296_789,
+            updated_at_ms: 1_764_645_300_001,
+            expires_at_ms,
+        }
+    }
+
+    #[test]
+    fn entry_bodies_are_the_json_of_their_fields() {
+        for (names, value, expires) in [
+            (
+                ["ctx", "fam", "key"],
+                r#"{"ip":"10.0.0.1","n":[1,2.5,null]}"#,
+                None,
+            ),
+            (
+                ["c\"q", "f\\b", "k\u{1}\u{e9}"],
+                r#""a string""#,
+                Some(253_402_300_799_999),
+            ),
+            (["c", "f", "k"], "17", Some(1_764_645_400_000)),
+        ] {
+            let e = entry(names, value, expires);
+            let mut out = b"prefix ".to_vec();
+            write_entry_body(&mut out, &e);
+            let body = out
+                .strip_prefix(b"prefix ")
+                .expect("written after what was there");
+            let parsed: serde_json::Value = serde_json::from_slice(body).expect("valid JSON");
+            let expected = serde_json::json!({
+                "context": names[0], "family": names[1], "key": names[2],
+                "value": serde_json::from_str::<serde_json::Value>(value).unwrap(),
+                "revision": e.revision,
+                "created_at": "2025-12-02T03:14:56.789Z",
+                "updated_at": "2025-12-02T03:15:00.001Z",
+                "expires_at": expires.map(|ms| Rfc3339(ms).to_string()),
+            });
+            assert_eq!(parsed, expected);
+            // The value is copied as it was stored, byte for byte.
+            let text = std::str::from_utf8(body).unwrap();
+            assert!(text.contains(&format!(",\"value\":{value},")), "{text}");
+        }
+    }
+
+    #[test]
+    fn etags_quote_the_revision() {
+        for (revision, tag) in [
+            (0, "\"0\""),
+            (42, "\"42\""),
+            (u64::MAX, "\"18446744073709551615\""),
+        ] {
+            assert_eq!(etag(revision), tag);
+        }
+    }
 
     #[test]
     fn cursors_round_trip() {
