@@ -101,15 +101,20 @@ where
 
 /// A COMET read (see the module's documentation).
 fn is_comet_read(req: &Request) -> bool {
-    req.method() == Method::GET && matches!(req.uri().path(), "/readScope" | "/v1/readScope")
+    req.method() == Method::GET && is_comet_read_path(req.uri().path())
+}
+
+/// The paths of a COMET read.
+pub(crate) fn is_comet_read_path(path: &str) -> bool {
+    matches!(path, "/readScope" | "/v1/readScope")
 }
 
 /// The names of a plain entry request (see the module's documentation).
 #[derive(Debug, PartialEq)]
-struct PlainEntry<'r> {
-    context: &'r str,
-    family: &'r str,
-    key: &'r str,
+pub(crate) struct PlainEntry<'r> {
+    pub context: &'r str,
+    pub family: &'r str,
+    pub key: &'r str,
 }
 
 impl<'r> PlainEntry<'r> {
@@ -118,7 +123,13 @@ impl<'r> PlainEntry<'r> {
         if (method != Method::GET && method != Method::PUT) || req.uri().query().is_some() {
             return None;
         }
-        let rest = req.uri().path().strip_prefix("/v1/kv/")?;
+        Self::of_path(req.uri().path())
+    }
+
+    /// The names in the path of a plain entry request (whose method is `GET` or `PUT`
+    /// and which has no query string).
+    pub(crate) fn of_path(path: &'r str) -> Option<Self> {
+        let rest = path.strip_prefix("/v1/kv/")?;
         if rest.contains('%') {
             return None;
         }

@@ -15,7 +15,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::FromRequestParts;
 use axum::extract::{Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, Method, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use std::convert::Infallible;
@@ -54,15 +54,18 @@ pub struct Peer {
 }
 
 /// The client address a request speaks for: the peer, or, when the peer is a trusted
-/// proxy, the nearest address in `X-Forwarded-For` that is not a trusted proxy.
-fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAddr {
+/// proxy, the nearest address in `X-Forwarded-For` (`forwarded`: the header's values,
+/// in order) that is not a trusted proxy.
+fn client_addr<'v>(
+    peer: IpAddr,
+    forwarded: impl Iterator<Item = &'v [u8]>,
+    trusted: &[IpAddr],
+) -> IpAddr {
     if !trusted.contains(&peer) {
         return peer;
     }
-    let forwarded = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+    let forwarded = forwarded
+        .filter_map(visible_ascii)
         .flat_map(|v| v.split(','))
         .filter_map(|a| a.trim().parse::<IpAddr>().ok())
         .collect::<Vec<_>>();
@@ -71,6 +74,16 @@ fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAddr 
         .rev()
         .find(|a| !trusted.contains(a))
         .unwrap_or(peer)
+}
+
+/// A header value as text when it is visible ASCII (tabs and spaces allowed), as
+/// `HeaderValue::to_str` takes it.
+pub(crate) fn visible_ascii(value: &[u8]) -> Option<&str> {
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (32..127).contains(&b))
+        .then(|| std::str::from_utf8(value).ok())
+        .flatten()
 }
 
 /// Extracts the [`Caller`] of a request from its connection and headers.
@@ -85,13 +98,26 @@ pub(crate) fn caller_of(
     headers: &HeaderMap,
     api: &'static str,
 ) -> Caller {
-    let peer = extensions.get::<Peer>();
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .into_iter()
+        .map(HeaderValue::as_bytes);
+    caller_from(state, extensions.get::<Peer>(), forwarded, api)
+}
+
+/// [`caller`], from the connection's peer and the values of `X-Forwarded-For`.
+pub(crate) fn caller_from<'v>(
+    state: &AppState,
+    peer: Option<&Peer>,
+    forwarded: impl Iterator<Item = &'v [u8]>,
+    api: &'static str,
+) -> Caller {
     let addr = peer
         .map(|p| p.addr.ip())
         .unwrap_or(IpAddr::from([127, 0, 0, 1]));
     let cert = peer.and_then(|p| p.cert.as_ref());
     Caller {
-        addr: client_addr(addr, headers, &state.trusted_proxies),
+        addr: client_addr(addr, forwarded, &state.trusted_proxies),
         subject: cert.map(|c| c.subject.clone()),
         trusted_cert: cert.is_some_and(ClientCert::trusted_now),
         api,
@@ -229,7 +255,7 @@ fn collapse_slashes(mut req: Request) -> Request {
 }
 
 /// A bounded label for metrics: the route, never the names in it.
-fn endpoint_of(path: &str) -> &'static str {
+pub(crate) fn endpoint_of(path: &str) -> &'static str {
     let comet_path = path.strip_prefix("/v1").unwrap_or(path);
     match comet_path {
         "/writeScope" => return "comet_write_scope",
@@ -275,23 +301,42 @@ fn endpoint_of(path: &str) -> &'static str {
 /// A request's id: the caller's, when it is short and printable (so traces join
 /// up), or one made here from the server's random prefix and a counter. Formatted
 /// only where it is written: the response header, a log line.
-enum RequestId {
+pub(crate) enum RequestId {
     Given(HeaderValue),
     Made { prefix: u32, n: u64 },
 }
 
 impl RequestId {
     fn of(state: &AppState, headers: &HeaderMap) -> RequestId {
-        if let Some(given) = headers.get("x-request-id")
-            && !given.is_empty()
-            && given.len() <= 64
-            && given.as_bytes().iter().all(u8::is_ascii_graphic)
-        {
-            return RequestId::Given(given.clone());
+        match headers.get("x-request-id") {
+            Some(given) if usable_id(given.as_bytes()) => RequestId::Given(given.clone()),
+            _ => RequestId::made(state),
         }
+    }
+
+    /// [`RequestId::of`], from the raw value of the request's `X-Request-Id`.
+    pub(crate) fn of_raw(state: &AppState, given: Option<&[u8]>) -> RequestId {
+        match given.filter(|g| usable_id(g)).map(HeaderValue::from_bytes) {
+            Some(Ok(given)) => RequestId::Given(given),
+            _ => RequestId::made(state),
+        }
+    }
+
+    fn made(state: &AppState) -> RequestId {
         RequestId::Made {
             prefix: state.id_prefix,
             n: state.request_ids.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// Writes the id as it goes in the response header.
+    pub(crate) fn write_to(&self, out: &mut Vec<u8>) {
+        match self {
+            RequestId::Given(v) => out.extend_from_slice(v.as_bytes()),
+            RequestId::Made { prefix, n } => {
+                write_hex(out, u64::from(*prefix), 8);
+                write_hex(out, *n, 8);
+            }
         }
     }
 
@@ -308,6 +353,19 @@ impl RequestId {
             }
         }
     }
+}
+
+/// Writes `value` in lower-case hex, at least `width` digits (as `{value:0width$x}`).
+fn write_hex(out: &mut Vec<u8>, value: u64, width: usize) {
+    let digits = ((64 - value.leading_zeros() as usize).div_ceil(4)).max(width);
+    for i in (0..digits).rev() {
+        out.push(b"0123456789abcdef"[(value >> (4 * i) & 0xf) as usize]);
+    }
+}
+
+/// A caller's request id is kept when it is short and visible ASCII.
+fn usable_id(given: &[u8]) -> bool {
+    !given.is_empty() && given.len() <= 64 && given.iter().all(u8::is_ascii_graphic)
 }
 
 impl std::fmt::Display for RequestId {
@@ -351,7 +409,7 @@ where
         let endpoint = endpoint_of(req.uri().path());
         // The path and the (redacted: COMET puts tokens there) query are kept only
         // when the per-request debug line will be written.
-        let detail = tracing::enabled!(tracing::Level::DEBUG).then(|| {
+        let detail = request_lines_on().then(|| {
             (
                 truncate(req.uri().path(), 512).to_owned(),
                 req.uri().query().map(redact_query),
@@ -380,6 +438,12 @@ where
     }
 }
 
+/// True when the per-request debug lines (and spans) of [`Observe`] are written:
+/// requests are then all answered through it.
+pub(crate) fn request_lines_on() -> bool {
+    tracing::enabled!(tracing::Level::DEBUG)
+}
+
 /// What [`Observed`] needs once the response is there.
 struct Done {
     state: Shared,
@@ -394,17 +458,15 @@ struct Done {
 impl Done {
     /// Metrics, the failure and access log lines, and the response headers.
     fn finish(self, mut response: Response) -> Response {
-        let (id, method, endpoint) = (&self.id, &self.method, self.endpoint);
         let status = response.status();
-        if let Some(failure) = response.extensions().get::<ServerSideError>() {
-            tracing::error!(request_id = %id, %method, endpoint, code = failure.code, error = %failure.detail, "request failed on the server side");
-        }
-        let elapsed = self.started.elapsed();
-        self.state.metrics.observe_request(
-            endpoint,
-            method_label(method),
-            status.as_u16(),
-            elapsed.as_secs_f64(),
+        let elapsed = record(
+            &self.state,
+            &self.id,
+            method_label(&self.method),
+            self.endpoint,
+            status,
+            response.extensions().get::<ServerSideError>(),
+            self.started,
         );
         if let Some((path, query)) = &self.detail {
             self.span.in_scope(|| {
@@ -418,13 +480,35 @@ impl Done {
             });
         }
         let headers = response.headers_mut();
-        headers.insert("x-request-id", id.header_value());
+        headers.insert("x-request-id", self.id.header_value());
         headers.insert(
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
         );
         response
     }
+}
+
+/// The failure log line and the metrics of a request answered, however it was
+/// dispatched (through [`Observe`], or by the connection loop in `conn.rs`); returns
+/// how long it took.
+pub(crate) fn record(
+    state: &AppState,
+    id: &RequestId,
+    method: &'static str,
+    endpoint: &'static str,
+    status: StatusCode,
+    failure: Option<&ServerSideError>,
+    started: Instant,
+) -> std::time::Duration {
+    if let Some(failure) = failure {
+        tracing::error!(request_id = %id, method, endpoint, code = failure.code, error = %failure.detail, "request failed on the server side");
+    }
+    let elapsed = started.elapsed();
+    state
+        .metrics
+        .observe_request(endpoint, method, status.as_u16(), elapsed.as_secs_f64());
+    elapsed
 }
 
 pin_project_lite::pin_project! {
@@ -676,20 +760,41 @@ mod tests {
     }
 
     #[test]
+    fn made_request_ids_are_written_as_displayed() {
+        for (prefix, n) in [(0, 0), (0xdead_beef, 1), (7, 0xffff_ffff), (1, u64::MAX)] {
+            let id = RequestId::Made { prefix, n };
+            let mut out = Vec::new();
+            id.write_to(&mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), id.to_string());
+        }
+        let given = RequestId::Given(HeaderValue::from_static("trace-1"));
+        let mut out = Vec::new();
+        given.write_to(&mut out);
+        assert_eq!(out, b"trace-1");
+        assert!(usable_id(b"trace-1"));
+        for refused in [&b""[..], b"has space", &[b'x'; 65], b"\xff"] {
+            assert!(!usable_id(refused), "{refused:?}");
+        }
+    }
+
+    #[test]
     fn forwarded_for_only_from_trusted_proxies() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "x-forwarded-for",
-            HeaderValue::from_static("203.0.113.9, 10.0.0.5"),
-        );
+        let h: &[&[u8]] = &[b"203.0.113.9, 10.0.0.5"];
         let proxy: IpAddr = "10.0.0.5".parse().unwrap();
         let other: IpAddr = "10.0.0.6".parse().unwrap();
-        assert_eq!(client_addr(other, &h, &[proxy]), other);
+        assert_eq!(client_addr(other, h.iter().copied(), &[proxy]), other);
         assert_eq!(
-            client_addr(proxy, &h, &[proxy]),
+            client_addr(proxy, h.iter().copied(), &[proxy]),
             "203.0.113.9".parse::<IpAddr>().unwrap()
         );
-        assert_eq!(client_addr(proxy, &HeaderMap::new(), &[proxy]), proxy);
+        assert_eq!(client_addr(proxy, std::iter::empty(), &[proxy]), proxy);
+        // Values in several headers are one list, in order; text that is not
+        // visible ASCII is skipped.
+        let h: &[&[u8]] = &[b"198.51.100.7", b"\xff203.0.113.1", b"10.0.0.5"];
+        assert_eq!(
+            client_addr(proxy, h.iter().copied(), &[proxy]),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]

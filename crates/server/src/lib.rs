@@ -9,6 +9,7 @@ pub mod audit;
 pub mod certs;
 pub mod comet;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod hot;
 pub mod http;
@@ -138,7 +139,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let sweeper = tokio::spawn(sweep_loop(state.clone(), settings.clone()));
     let app = http::app(state.clone());
     let shutdown_state = state.clone();
-    serve::serve(listener, tls, app, async move {
+    serve::serve(listener, tls, state.clone(), app, async move {
         shutdown_signal().await;
         shutdown_state.ready.store(false, Ordering::Release);
         // Watch streams never end by themselves: end them so that draining can.

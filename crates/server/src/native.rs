@@ -139,12 +139,20 @@ pub(crate) fn header_token<'h>(
     headers: &'h HeaderMap,
     name: &'static str,
 ) -> Result<&'h str, ApiError> {
-    match headers.get(name) {
+    token_value(headers.get(name).map(HeaderValue::as_bytes), name)
+}
+
+/// [`header_token`], from the raw value of the header `name` (the first, if several).
+pub(crate) fn token_value<'h>(
+    value: Option<&'h [u8]>,
+    name: &'static str,
+) -> Result<&'h str, ApiError> {
+    match value {
         None => Err(ApiError::MissingParameter(name_of(name))),
-        Some(v) => match v.to_str() {
-            Ok("") => Err(ApiError::MissingParameter(name_of(name))),
-            Ok(s) => Ok(s),
-            Err(_) => Err(ApiError::BadRequest(format!(
+        Some(v) => match crate::http::visible_ascii(v) {
+            Some("") => Err(ApiError::MissingParameter(name_of(name))),
+            Some(s) => Ok(s),
+            None => Err(ApiError::BadRequest(format!(
                 "header {name} must be visible ASCII"
             ))),
         },
@@ -218,7 +226,7 @@ fn token_pair(headers: &HeaderMap) -> Result<(&str, &str), ApiError> {
 /// (checked when it was written, see [`Record::value`](amphora_model::Record)), so it
 /// is copied as it is instead of being parsed again into a `RawValue` on every read,
 /// and the field names are written as constants.
-fn write_entry_body(out: &mut Vec<u8>, e: &Entry) {
+pub(crate) fn write_entry_body(out: &mut Vec<u8>, e: &Entry) {
     debug_assert!(
         serde_json::from_str::<&RawValue>(&e.value).is_ok(),
         "a stored value is JSON text"
@@ -272,7 +280,7 @@ fn json_bytes_ok(body: Vec<u8>) -> Response {
 }
 
 /// What an entry's body is likely to take, for [`json_ok`].
-fn entry_size(e: &Entry) -> usize {
+pub(crate) fn entry_size(e: &Entry) -> usize {
     let k = &e.key;
     e.value.len() + k.context.len() + k.family.len() + k.key.len() + ENTRY_BODY_EXTRA
 }

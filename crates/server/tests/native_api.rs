@@ -397,13 +397,24 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
     assert_eq!((status, &body["value"]), (200, &json!(1)));
 }
 
-/// Plain reads are answered in front of the router (`hot.rs`); reads in any other
-/// form (a percent-escape, a query string) go through it. Both must answer alike,
-/// errors included.
+/// Plain reads are answered in front of the router: by the connection loop
+/// (`conn.rs`), or, while the per-request debug lines are on, by `hot.rs`; reads in
+/// any other form (a percent-escape, a query string) go through it. All must answer
+/// alike, errors included.
 #[tokio::test]
 async fn plain_and_routed_reads_answer_alike() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(&dir.path().join("d"), &["--max-name-bytes", "16"]);
+    for log in ["info", "info,amphora_server::http=debug"] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Server::start_with_env(
+            &dir.path().join("d"),
+            &["--max-name-bytes", "16"],
+            &[("AMPHORA_LOG", log)],
+        );
+        reads_answer_alike(&s).await;
+    }
+}
+
+async fn reads_answer_alike(s: &Server) {
     let c = client();
     let r = put(
         &c,
