@@ -23,9 +23,11 @@
 //! the previous response (or of the connection's start), and shutdown closes idle
 //! connections and lets a request in progress finish.
 
-use crate::error::ServerSideError;
+use crate::error::{ApiError, ServerSideError};
 use crate::hot::{PlainEntry, is_comet_read_path};
 use crate::http::{Peer, RequestId, Shared, caller_from, record, request_lines_on};
+use crate::query::Query;
+use crate::service::Entry;
 use crate::{comet, native};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -47,6 +49,9 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Heads longer than this, still incomplete, go to hyper (which refuses them past
 /// its own bound, `max_buf_size`).
 const MAX_FAST_HEAD: usize = 16 * 1024;
+
+/// The largest body the loop reads (that of a plain write); larger ones go to hyper.
+const MAX_FAST_BODY: usize = 64 * 1024;
 
 /// Headers a head may have to be answered here; more go to hyper (which takes 100).
 const MAX_FAST_HEADERS: usize = 32;
@@ -103,18 +108,30 @@ pub async fn serve_connection<I, A>(
     let mut waiting_since = tokio::time::Instant::now();
     let timer = tokio::time::sleep_until(waiting_since + HEADER_READ_TIMEOUT);
     tokio::pin!(timer);
+    // Bodies the loop reads whole: at most the value limit, and never above 64 KiB.
+    let max_body = cx
+        .state
+        .service
+        .settings()
+        .limits
+        .max_value_bytes
+        .min(MAX_FAST_BODY);
     loop {
-        match parse(&buf) {
-            Head::Fast(len, fast) => {
+        match parse(&buf, max_body) {
+            Head::Fast(len, fast) if buf.len() >= len + fast.body_len => {
                 out.clear();
-                let keep_alive = answer(&cx.state, &cx.peer, &fast, &mut out).await;
+                let body = &buf[len..len + fast.body_len];
+                let keep_alive = answer(&cx.state, &cx.peer, &fast, body, &mut out).await;
                 if io.write_all(&out).await.is_err() || io.flush().await.is_err() || !keep_alive {
                     return;
                 }
-                buf.advance(len);
+                let used = len + fast.body_len;
+                buf.advance(used);
                 waiting_since = tokio::time::Instant::now();
                 continue;
             }
+            // The body is still coming.
+            Head::Fast(..) => {}
             Head::Partial if buf.len() <= MAX_FAST_HEAD => {}
             Head::Partial | Head::Other => break,
         }
@@ -177,8 +194,11 @@ where
 }
 
 /// What the buffer starts with.
+// On the stack for the time of one request: boxing the large variant would cost an
+// allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Head<'b> {
-    /// A read answered here, and the length of its head.
+    /// A request answered here, and the length of its head.
     Fast(usize, Fast<'b>),
     /// Not a whole head yet.
     Partial,
@@ -186,25 +206,43 @@ enum Head<'b> {
     Other,
 }
 
-/// A read answered by this loop.
+/// A request answered by this loop.
 struct Fast<'b> {
-    what: Read<'b>,
+    what: What<'b>,
+    /// The headers a read or a write reads.
+    headers: native::WriteHeaders<'b>,
     request_id: Option<&'b [u8]>,
-    read_token: Option<&'b [u8]>,
     forwarded: [Option<&'b [u8]>; 4],
+    /// The length of the body, after the head (a write's; 0 for reads).
+    body_len: usize,
     started: Instant,
 }
 
-enum Read<'b> {
-    Entry(PlainEntry<'b>),
+enum What<'b> {
+    /// `GET /v1/kv/{context}/{family}/{key}`.
+    Read(PlainEntry<'b>),
+    /// `PUT /v1/kv/{context}/{family}/{key}`.
+    Write(PlainEntry<'b>),
+    /// `GET /readScope?...`.
     Comet(Option<&'b str>),
 }
 
-fn parse(buf: &[u8]) -> Head<'_> {
+impl What<'_> {
+    /// Its labels in the metrics.
+    fn labels(&self) -> (&'static str, &'static str) {
+        match self {
+            What::Read(_) => ("GET", "kv_entry"),
+            What::Write(_) => ("PUT", "kv_entry"),
+            What::Comet(_) => ("GET", "comet_read_scope"),
+        }
+    }
+}
+
+fn parse(buf: &[u8], max_body: usize) -> Head<'_> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_FAST_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => match Fast::of(&req) {
+        Ok(httparse::Status::Complete(len)) => match Fast::of(&req, max_body) {
             Some(fast) => Head::Fast(len, fast),
             None => Head::Other,
         },
@@ -214,12 +252,18 @@ fn parse(buf: &[u8]) -> Head<'_> {
 }
 
 impl<'b> Fast<'b> {
-    /// A request this loop answers: `GET`, HTTP/1.1, a plain entry path or a COMET
-    /// read, no body, none of the headers that change how the connection goes on,
-    /// at most four `X-Forwarded-For` headers, and debug logging off (its
-    /// per-request span and line are written by `http::Observe`).
-    fn of(req: &httparse::Request<'_, 'b>) -> Option<Fast<'b>> {
-        if req.method != Some("GET") || req.version != Some(1) || request_lines_on() {
+    /// A request this loop answers: HTTP/1.1; `GET` of a plain entry path or a
+    /// COMET read, without a body, or `PUT` of a plain entry path with one
+    /// `Content-Length` of at most `max_body`; none of the headers that change how
+    /// the connection goes on; at most four `X-Forwarded-For` headers; and debug
+    /// logging off (its per-request span and line are written by `http::Observe`).
+    fn of(req: &httparse::Request<'_, 'b>, max_body: usize) -> Option<Fast<'b>> {
+        let write = match req.method? {
+            "GET" => false,
+            "PUT" => true,
+            _ => return None,
+        };
+        if req.version != Some(1) || request_lines_on() {
             return None;
         }
         let target = req.path?;
@@ -230,45 +274,68 @@ impl<'b> Fast<'b> {
             Some((path, query)) => (path, Some(query)),
             None => (target, None),
         };
-        let what = if is_comet_read_path(path) {
-            Read::Comet(query)
-        } else if query.is_none() {
-            Read::Entry(PlainEntry::of_path(path)?)
-        } else {
-            return None;
+        let what = match (write, query) {
+            (false, _) if is_comet_read_path(path) => What::Comet(query),
+            (false, None) => What::Read(PlainEntry::of_path(path)?),
+            (true, None) => What::Write(PlainEntry::of_path(path)?),
+            _ => return None,
         };
         let mut fast = Fast {
             what,
+            headers: native::WriteHeaders::default(),
             request_id: None,
-            read_token: None,
             forwarded: [None; 4],
+            body_len: 0,
             started: Instant::now(),
         };
-        let mut forwarded = 0;
+        let (mut forwarded, mut content_length) = (0, None);
         for h in req.headers.iter() {
-            let name = h.name;
-            if name.eq_ignore_ascii_case(native::READ_TOKEN) {
-                fast.read_token.get_or_insert(h.value);
-            } else if name.eq_ignore_ascii_case("x-request-id") {
-                fast.request_id.get_or_insert(h.value);
-            } else if name.eq_ignore_ascii_case("x-forwarded-for") {
-                *fast.forwarded.get_mut(forwarded)? = Some(h.value);
-                forwarded += 1;
-            } else if [
-                "content-length",
-                "transfer-encoding",
-                "connection",
-                "expect",
-                "upgrade",
-            ]
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n))
-            {
-                return None;
-            }
+            let (name, value) = (h.name, h.value);
+            let slot = match name.len() {
+                18 if name.eq_ignore_ascii_case(native::READ_TOKEN) => &mut fast.headers.read_token,
+                19 if name.eq_ignore_ascii_case(native::WRITE_TOKEN) => {
+                    &mut fast.headers.write_token
+                }
+                8 if name.eq_ignore_ascii_case("if-match") => &mut fast.headers.if_match,
+                13 if name.eq_ignore_ascii_case("if-none-match") => &mut fast.headers.if_none_match,
+                12 if name.eq_ignore_ascii_case("x-request-id") => &mut fast.request_id,
+                15 if name.eq_ignore_ascii_case("x-forwarded-for") => {
+                    *fast.forwarded.get_mut(forwarded)? = Some(value);
+                    forwarded += 1;
+                    continue;
+                }
+                14 if name.eq_ignore_ascii_case("content-length") => {
+                    if content_length.replace(value).is_some() {
+                        return None;
+                    }
+                    continue;
+                }
+                _ if ["transfer-encoding", "connection", "expect", "upgrade"]
+                    .iter()
+                    .any(|n| name.eq_ignore_ascii_case(n)) =>
+                {
+                    return None;
+                }
+                _ => continue,
+            };
+            slot.get_or_insert(value);
+        }
+        match (write, content_length) {
+            (false, None) => {}
+            (true, Some(declared)) => fast.body_len = body_length(declared, max_body)?,
+            _ => return None,
         }
         Some(fast)
     }
+}
+
+/// A `Content-Length` of digits only, at most `max`.
+fn body_length(declared: &[u8], max: usize) -> Option<usize> {
+    if declared.is_empty() || declared.len() > 10 || !declared.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: usize = std::str::from_utf8(declared).ok()?.parse().ok()?;
+    (n <= max).then_some(n)
 }
 
 /// A byte of a request target that `http::Uri` takes as it is: visible ASCII other
@@ -278,53 +345,82 @@ fn plain_target_byte(b: u8) -> bool {
     (0x21..0x7f).contains(&b) && !b"\"#<>\\^`{|}".contains(&b)
 }
 
-/// Answers `fast` into `out`; false when the connection must close after it.
-async fn answer(state: &Shared, peer: &Peer, fast: &Fast<'_>, out: &mut Vec<u8>) -> bool {
+/// Answers `fast` (whose body is `body`) into `out`; false when the connection must
+/// close after it.
+async fn answer(
+    state: &Shared,
+    peer: &Peer,
+    fast: &Fast<'_>,
+    body: &[u8],
+    out: &mut Vec<u8>,
+) -> bool {
     let id = RequestId::of_raw(state, fast.request_id);
     let forwarded = fast.forwarded.iter().map_while(|v| *v);
-    match &fast.what {
-        Read::Entry(names) => {
+    let response = match &fast.what {
+        What::Read(names) => {
             let caller = caller_from(state, Some(peer), forwarded, "native");
             let found = async {
                 // Names first, then the token, as the router's extractors take them.
                 let key = state
                     .service
                     .entry_key(names.context, names.family, names.key)?;
-                let read = native::token_value(fast.read_token, native::READ_TOKEN)?;
+                let read = native::token_value(fast.headers.read_token, native::READ_TOKEN)?;
                 state
                     .service
                     .read(&caller, &key, read)
                     .await?
-                    .ok_or(crate::error::ApiError::NotFound)
+                    .ok_or(ApiError::NotFound)
             }
             .await;
-            let entry = match found {
-                Ok(entry) => entry,
-                Err(e) => return write_response(out, e.into_response(), &id, fast, state).await,
-            };
-            record(
-                state,
-                &id,
-                "GET",
-                "kv_entry",
-                StatusCode::OK,
-                None,
-                fast.started,
-            );
-            let mut body = Vec::with_capacity(native::entry_size(&entry));
-            native::write_entry_body(&mut body, &entry);
-            out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\netag: \"");
-            out.extend_from_slice(itoa::Buffer::new().format(entry.revision).as_bytes());
-            out.extend_from_slice(b"\"\r\n");
-            write_tail(out, &id, &body);
-            true
+            match found {
+                Ok(entry) => {
+                    write_entry(state, &id, fast, &entry, out);
+                    return true;
+                }
+                Err(e) => e.into_response(),
+            }
         }
-        Read::Comet(query) => {
+        What::Write(names) => {
+            let caller = caller_from(state, Some(peer), forwarded, "native");
+            let written = async {
+                // Names, then tokens and conditions, then the body, as `hot.rs` and
+                // the router take them.
+                let key = state
+                    .service
+                    .entry_key(names.context, names.family, names.key)?;
+                let checked = fast.headers.check(&Query::default())?;
+                native::write_value(state, &caller, &key, checked, body).await
+            }
+            .await;
+            written.unwrap_or_else(IntoResponse::into_response)
+        }
+        What::Comet(query) => {
             let caller = caller_from(state, Some(peer), forwarded, "comet");
-            let response = comet::read_scope_answer(state, &caller, *query).await;
-            write_response(out, response, &id, fast, state).await
+            comet::read_scope_answer(state, &caller, *query).await
         }
-    }
+    };
+    write_response(out, response, &id, fast, state).await
+}
+
+/// Writes the answer to a read that found `entry` (as `native::read_entry` would
+/// build it), after recording it.
+fn write_entry(state: &Shared, id: &RequestId, fast: &Fast<'_>, entry: &Entry, out: &mut Vec<u8>) {
+    let (method, endpoint) = fast.what.labels();
+    record(
+        state,
+        id,
+        method,
+        endpoint,
+        StatusCode::OK,
+        None,
+        fast.started,
+    );
+    let mut body = Vec::with_capacity(native::entry_size(entry));
+    native::write_entry_body(&mut body, entry);
+    out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\netag: \"");
+    out.extend_from_slice(itoa::Buffer::new().format(entry.revision).as_bytes());
+    out.extend_from_slice(b"\"\r\n");
+    write_tail(out, id, &body);
 }
 
 /// Writes a response the application built (an error, a COMET read), after
@@ -336,15 +432,12 @@ async fn write_response(
     fast: &Fast<'_>,
     state: &Shared,
 ) -> bool {
-    let endpoint = match fast.what {
-        Read::Entry(_) => "kv_entry",
-        Read::Comet(_) => "comet_read_scope",
-    };
+    let (method, endpoint) = fast.what.labels();
     let (parts, body) = response.into_parts();
     record(
         state,
         id,
-        "GET",
+        method,
         endpoint,
         parts.status,
         parts.extensions.get::<ServerSideError>(),
@@ -473,10 +566,41 @@ mod tests {
     use super::*;
 
     fn classify(head: &str) -> Option<(usize, bool)> {
-        match parse(head.as_bytes()) {
-            Head::Fast(len, fast) => Some((len, matches!(fast.what, Read::Comet(_)))),
+        match parse(head.as_bytes(), 1024) {
+            Head::Fast(len, fast) => Some((len, matches!(fast.what, What::Comet(_)))),
             Head::Partial => None,
             Head::Other => Some((0, false)),
+        }
+    }
+
+    fn body_len(head: &str) -> Option<usize> {
+        match parse(head.as_bytes(), 1024) {
+            Head::Fast(_, fast) if matches!(fast.what, What::Write(_)) => Some(fast.body_len),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn takes_plain_writes_with_a_length_within_the_bound() {
+        let put = |headers: &str| format!("PUT /v1/kv/c/f/k HTTP/1.1\r\n{headers}\r\n");
+        assert_eq!(body_len(&put("content-length: 12\r\n")), Some(12));
+        assert_eq!(body_len(&put("Content-Length: 0\r\n")), Some(0));
+        assert_eq!(body_len(&put("content-length: 1024\r\n")), Some(1024));
+        for refused in [
+            put(""),
+            put("content-length: 1025\r\n"),
+            put("content-length: 99999999999999999999\r\n"),
+            put("content-length: 1a\r\n"),
+            put("content-length: +1\r\n"),
+            put("content-length: \r\n"),
+            put("content-length: 1\r\ncontent-length: 1\r\n"),
+            put("content-length: 1\r\ntransfer-encoding: chunked\r\n"),
+            put("content-length: 1\r\nexpect: 100-continue\r\n"),
+            "PUT /v1/kv/c/f/k?ttl=5s HTTP/1.1\r\ncontent-length: 1\r\n\r\n".into(),
+            "PUT /readScope HTTP/1.1\r\ncontent-length: 1\r\n\r\n".into(),
+            "POST /v1/kv/c/f/k HTTP/1.1\r\ncontent-length: 1\r\n\r\n".into(),
+        ] {
+            assert_eq!(classify(&refused), Some((0, false)), "{refused:?}");
         }
     }
 
@@ -491,7 +615,7 @@ mod tests {
         assert_eq!(classify(&two), Some((plain.len(), false)));
         for other in [
             "HEAD /v1/kv/c/f/k HTTP/1.1\r\n\r\n",
-            "PUT /v1/kv/c/f/k HTTP/1.1\r\ncontent-length: 1\r\n\r\n1",
+            "DELETE /v1/kv/c/f/k HTTP/1.1\r\n\r\n",
             "GET /v1/kv/c/f/k HTTP/1.0\r\n\r\n",
             "GET /v1/kv/c/f/k?x=1 HTTP/1.1\r\n\r\n",
             "GET /v1/kv/c/f/k%65 HTTP/1.1\r\n\r\n",
@@ -526,10 +650,10 @@ mod tests {
     #[test]
     fn headers_are_taken_case_blind_and_first_wins() {
         let head = b"GET /v1/kv/c/f/k HTTP/1.1\r\nAmphora-Read-Token: one\r\namphora-read-token: two\r\nX-Request-Id: id\r\nX-Forwarded-For: 1.2.3.4\r\nx-forwarded-for: 5.6.7.8\r\n\r\n";
-        let Head::Fast(_, fast) = parse(head) else {
+        let Head::Fast(_, fast) = parse(head, 0) else {
             panic!("a plain read")
         };
-        assert_eq!(fast.read_token, Some(&b"one"[..]));
+        assert_eq!(fast.headers.read_token, Some(&b"one"[..]));
         assert_eq!(fast.request_id, Some(&b"id"[..]));
         assert_eq!(
             fast.forwarded,

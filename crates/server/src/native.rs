@@ -325,11 +325,11 @@ pub(crate) async fn read_entry(
     Ok(response)
 }
 
-fn parse_if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
-    let Some(v) = headers.get(header::IF_MATCH) else {
+fn parse_if_match(value: Option<&[u8]>) -> Result<Option<u64>, ApiError> {
+    let Some(v) = value else {
         return Ok(None);
     };
-    let s = v.to_str().unwrap_or("").trim();
+    let s = crate::http::visible_ascii(v).unwrap_or("").trim();
     let s = s.strip_prefix("W/").unwrap_or(s).trim_matches('"');
     s.parse().map(Some).map_err(|_| {
         ApiError::BadRequest("If-Match must be a revision, as in the ETag of a read".into())
@@ -374,21 +374,71 @@ pub(crate) async fn write_entry(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (read, write) = token_pair(headers)?;
-    let options = WriteOptions {
-        if_match: parse_if_match(headers)?,
-        create_only: match headers.get(header::IF_NONE_MATCH) {
-            None => false,
-            Some(v) if v.as_bytes() == b"*" => true,
-            Some(_) => return Err(ApiError::BadRequest("If-None-Match accepts only *".into())),
-        },
-        ttl: parse_ttl(q)?,
+    let raw = |name| headers.get(name).map(HeaderValue::as_bytes);
+    let write = WriteHeaders {
+        read_token: raw(READ_TOKEN),
+        write_token: raw(WRITE_TOKEN),
+        if_match: raw(header::IF_MATCH.as_str()),
+        if_none_match: raw(header::IF_NONE_MATCH.as_str()),
     };
+    let checked = write.check(q)?;
     let limit = state.service.settings().limits.max_value_bytes;
     let bytes = read_body(headers, body, limit).await?;
-    state.service.check_value(bytes.len())?;
-    let text = std::str::from_utf8(&bytes)
-        .map_err(|_| ApiError::InvalidJson("body is not UTF-8".into()))?;
+    write_value(state, caller, key, checked, &bytes).await
+}
+
+/// The headers a write of one entry reads, as they came (the first of each).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct WriteHeaders<'h> {
+    pub read_token: Option<&'h [u8]>,
+    pub write_token: Option<&'h [u8]>,
+    pub if_match: Option<&'h [u8]>,
+    pub if_none_match: Option<&'h [u8]>,
+}
+
+/// A write's tokens and options, checked.
+pub(crate) struct CheckedWrite<'h> {
+    read: &'h str,
+    write: &'h str,
+    options: WriteOptions,
+}
+
+impl<'h> WriteHeaders<'h> {
+    /// Checks the tokens, then the conditions, then the query's options, in the
+    /// order every way of writing reports their errors.
+    pub(crate) fn check(&self, q: &Query) -> Result<CheckedWrite<'h>, ApiError> {
+        let read = token_value(self.read_token, READ_TOKEN)?;
+        let write = token_value(self.write_token, WRITE_TOKEN)?;
+        let options = WriteOptions {
+            if_match: parse_if_match(self.if_match)?,
+            create_only: match self.if_none_match {
+                None => false,
+                Some(b"*") => true,
+                Some(_) => {
+                    return Err(ApiError::BadRequest("If-None-Match accepts only *".into()));
+                }
+            },
+            ttl: parse_ttl(q)?,
+        };
+        Ok(CheckedWrite {
+            read,
+            write,
+            options,
+        })
+    }
+}
+
+/// Writes `body` (at most the value limit, read whole) as the entry's value.
+pub(crate) async fn write_value(
+    state: &Shared,
+    caller: &Caller,
+    key: &EntryKey,
+    checked: CheckedWrite<'_>,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    state.service.check_value(body.len())?;
+    let text =
+        std::str::from_utf8(body).map_err(|_| ApiError::InvalidJson("body is not UTF-8".into()))?;
     // Validate without building a tree; the text is stored as it came.
     let raw_value: Box<RawValue> =
         serde_json::from_str(text).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
@@ -398,9 +448,9 @@ pub(crate) async fn write_entry(
             caller,
             key,
             raw_value.get().to_owned(),
-            read,
-            write,
-            &options,
+            checked.read,
+            checked.write,
+            &checked.options,
         )
         .await?;
     let status = if written.created {

@@ -144,7 +144,8 @@ fn value_of(a: &Answer) -> serde_json::Value {
 }
 
 /// Requests written at once (pipelined) are answered in order, across the moment
-/// the connection passes from the loop (reads) to hyper (the first write).
+/// the connection passes from the loop (plain reads and writes) to hyper (the first
+/// other request).
 #[test]
 fn pipelined_requests_keep_their_order_across_the_hand_over() {
     let dir = tempfile::tempdir().unwrap();
@@ -162,11 +163,14 @@ fn pipelined_requests_keep_their_order_across_the_hand_over() {
         get("/v1/kv/c/f/none", ""),
         put("/v1/kv/c/f/k3", "3"),
         get("/v1/kv/c/f/k3", ""),
+        "GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n".to_owned(),
+        get("/v1/kv/c/f/k1", ""),
+        put("/v1/kv/c/f/k1", "4"),
         get("/v1/kv/c/f/k1", ""),
     ]
     .concat();
     c.send(batch.as_bytes());
-    let answers: Vec<Answer> = (0..6).map(|_| c.answer()).collect();
+    let answers: Vec<Answer> = (0..9).map(|_| c.answer()).collect();
     let seen: Vec<(u16, serde_json::Value)> = answers
         .iter()
         .map(|a| {
@@ -189,9 +193,13 @@ fn pipelined_requests_keep_their_order_across_the_hand_over() {
             (404, json!(null)),
             (201, json!(null)),
             (200, json!(3)),
+            (200, json!(null)),
             (200, json!(1)),
+            (200, json!(null)),
+            (200, json!(4)),
         ]
     );
+    assert_eq!(answers[5].body, r#"{"status":"ok"}"#);
     // Each response has an id of its own.
     let mut ids: Vec<&str> = answers
         .iter()
@@ -199,7 +207,7 @@ fn pipelined_requests_keep_their_order_across_the_hand_over() {
         .collect();
     ids.sort();
     ids.dedup();
-    assert_eq!(ids.len(), 6);
+    assert_eq!(ids.len(), 9);
 }
 
 /// A head that arrives in pieces is answered once whole; so is a head too long for
@@ -233,6 +241,17 @@ fn heads_in_pieces_and_long_heads_are_answered() {
     assert_eq!((a.status, value_of(&a)), (200, serde_json::json!("v")));
     c.send(head.as_bytes());
     assert_eq!(c.answer().status, 200);
+}
+
+/// `request` answered by the loop, then (with a `Connection: keep-alive` header,
+/// which the loop does not take) by hyper, each on a new connection.
+fn both_ways(s: &Server, request: &str) -> (Answer, Answer) {
+    let mut fast = Raw::connect(s);
+    fast.send(request.as_bytes());
+    let through_hyper = request.replacen("\r\n", "\r\nconnection: keep-alive\r\n", 1);
+    let mut slow = Raw::connect(s);
+    slow.send(through_hyper.as_bytes());
+    (fast.answer(), slow.answer())
 }
 
 /// The loop answers exactly as hyper and the application do: a request with a
@@ -278,13 +297,7 @@ fn loop_and_hyper_answer_alike() {
         ),
     ];
     for (request, status) in cases {
-        let mut fast = Raw::connect(&s);
-        fast.send(request.as_bytes());
-        let by_loop = fast.answer();
-        let through_hyper = request.replacen("\r\n", "\r\nconnection: keep-alive\r\n", 1);
-        let mut slow = Raw::connect(&s);
-        slow.send(through_hyper.as_bytes());
-        let by_hyper = slow.answer();
+        let (by_loop, by_hyper) = both_ways(&s, &request);
         assert_eq!(by_loop.status, status, "{request:?}: {by_loop:?}");
         assert_eq!(by_loop.comparable(), by_hyper.comparable(), "{request:?}");
         assert!(by_loop.header("date").is_some_and(|d| d.ends_with(" GMT")));
@@ -294,7 +307,121 @@ fn loop_and_hyper_answer_alike() {
     }
 }
 
-/// Reads answered by the loop are counted like any other request.
+/// The same for writes. Each is sent through the loop, then through hyper; a
+/// write that succeeds is answered with the store's revision, which the second
+/// one moves on, so digits are compared as digits.
+#[test]
+fn loop_and_hyper_write_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with_env(
+        &dir.path().join("d"),
+        &["--max-value-bytes", "2048"],
+        &[("AMPHORA_LOG", "info")],
+    );
+    let mut c = Raw::connect(&s);
+    c.send(put("/v1/kv/ctx/fam/key", "1").as_bytes());
+    assert_eq!(c.answer().status, 201);
+
+    let write = |path: &str, headers: &str, body: &str| {
+        format!(
+            "PUT {path} HTTP/1.1\r\nhost: t\r\n{headers}content-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let tokens = format!("amphora-read-token: {READ}\r\namphora-write-token: {WRITE}\r\n");
+    let big = format!("\"{}\"", "x".repeat(3000));
+    let cases: Vec<(String, u16)> = vec![
+        (
+            write("/v1/kv/ctx/fam/key", &tokens, r#"{"v":[1,"é"]}"#),
+            200,
+        ),
+        (
+            write(
+                "/v1/kv/ctx/fam/key",
+                &(tokens.clone() + "if-match: \"1\"\r\n"),
+                "2",
+            ),
+            412,
+        ),
+        (
+            write(
+                "/v1/kv/ctx/fam/key",
+                &(tokens.clone() + "if-match: x\r\n"),
+                "2",
+            ),
+            400,
+        ),
+        (
+            write(
+                "/v1/kv/ctx/fam/key",
+                &(tokens.clone() + "if-none-match: *\r\n"),
+                "2",
+            ),
+            412,
+        ),
+        (
+            write(
+                "/v1/kv/ctx/fam/key",
+                &(tokens.clone() + "if-none-match: \"1\"\r\n"),
+                "2",
+            ),
+            400,
+        ),
+        (write("/v1/kv/ctx/fam/key", &tokens, "{not json"), 400),
+        (write("/v1/kv/ctx/fam/key", &tokens, ""), 400),
+        (write("/v1/kv/ctx/fam/key", &tokens, &big), 413),
+        (
+            write(
+                "/v1/kv/ctx/fam/key",
+                &format!("amphora-read-token: {READ}\r\n"),
+                "2",
+            ),
+            400,
+        ),
+        (
+            write(
+                "/v1/kv/ctx/fam/key",
+                &format!("amphora-read-token: {READ}\r\namphora-write-token: OtherToken1\r\n"),
+                "2",
+            ),
+            403,
+        ),
+        (
+            write(&format!("/v1/kv/ctx/fam/{}", "k".repeat(300)), &tokens, "2"),
+            400,
+        ),
+    ];
+    let digits_masked = |a: &Answer| {
+        let mut a = a.comparable();
+        let mask = |t: &str| {
+            t.chars()
+                .map(|c| if c.is_ascii_digit() { '0' } else { c })
+                .collect()
+        };
+        a.body = mask(&a.body);
+        for (_, v) in a.headers.iter_mut() {
+            *v = mask(v);
+        }
+        a
+    };
+    for (request, status) in cases {
+        let (by_loop, by_hyper) = both_ways(&s, &request);
+        assert_eq!(by_loop.status, status, "{request:?}: {by_loop:?}");
+        assert_eq!(
+            digits_masked(&by_loop),
+            digits_masked(&by_hyper),
+            "{request:?}"
+        );
+    }
+    // Both replacing writes were applied, in order.
+    let mut c = Raw::connect(&s);
+    c.send(get("/v1/kv/ctx/fam/key", "").as_bytes());
+    let a = c.answer();
+    assert_eq!(value_of(&a), serde_json::json!({"v": [1, "é"]}));
+    assert_eq!(a.header("etag"), Some("\"3\""));
+}
+
+/// Reads and writes answered by the loop are counted like any other request.
 #[test]
 fn loop_answers_are_counted() {
     let dir = tempfile::tempdir().unwrap();
@@ -312,12 +439,15 @@ fn loop_answers_are_counted() {
         c.send(get(path, "").as_bytes());
         c.answer();
     }
+    c.send(put("/v1/kv/c/f/k", "2").as_bytes());
+    assert_eq!(c.answer().status, 200);
     c.send(b"GET /metrics HTTP/1.1\r\nhost: t\r\n\r\n");
     let metrics = c.answer().body;
     for line in [
         "amphora_http_requests_total{endpoint=\"kv_entry\",method=\"GET\",status=\"200\"} 3",
         "amphora_http_requests_total{endpoint=\"kv_entry\",method=\"GET\",status=\"404\"} 1",
-        "amphora_http_request_duration_seconds_count{endpoint=\"kv_entry\"} 5",
+        "amphora_http_requests_total{endpoint=\"kv_entry\",method=\"PUT\",status=\"200\"} 1",
+        "amphora_http_request_duration_seconds_count{endpoint=\"kv_entry\"} 6",
     ] {
         assert!(metrics.contains(line), "metrics lack {line}:\n{metrics}");
     }
