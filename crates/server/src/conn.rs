@@ -53,6 +53,9 @@ const MAX_FAST_HEAD: usize = 16 * 1024;
 /// The largest body the loop reads (that of a plain write); larger ones go to hyper.
 const MAX_FAST_BODY: usize = 64 * 1024;
 
+/// The room for responses a connection keeps between requests.
+const KEPT_ROOM: usize = 64 * 1024;
+
 /// Headers a head may have to be answered here; more go to hyper (which takes 100).
 const MAX_FAST_HEADERS: usize = 32;
 
@@ -104,7 +107,7 @@ pub async fn serve_connection<I, A>(
 {
     tokio::pin!(stop);
     let mut buf = BytesMut::with_capacity(8 * 1024);
-    let mut out = Vec::with_capacity(1024);
+    let (mut out, mut scratch) = (Vec::with_capacity(1024), Vec::with_capacity(1024));
     let mut waiting_since = tokio::time::Instant::now();
     let timer = tokio::time::sleep_until(waiting_since + HEADER_READ_TIMEOUT);
     tokio::pin!(timer);
@@ -121,12 +124,19 @@ pub async fn serve_connection<I, A>(
             Head::Fast(len, fast) if buf.len() >= len + fast.body_len => {
                 out.clear();
                 let body = &buf[len..len + fast.body_len];
-                let keep_alive = answer(&cx.state, &cx.peer, &fast, body, &mut out).await;
+                let bufs = (&mut out, &mut scratch);
+                let keep_alive = answer(&cx.state, &cx.peer, &fast, body, bufs).await;
                 if io.write_all(&out).await.is_err() || io.flush().await.is_err() || !keep_alive {
                     return;
                 }
                 let used = len + fast.body_len;
                 buf.advance(used);
+                // A large answer's room is not kept for the connection's life.
+                for b in [&mut out, &mut scratch] {
+                    if b.capacity() > KEPT_ROOM {
+                        *b = Vec::with_capacity(1024);
+                    }
+                }
                 waiting_since = tokio::time::Instant::now();
                 continue;
             }
@@ -239,9 +249,10 @@ impl What<'_> {
 }
 
 fn parse(buf: &[u8], max_body: usize) -> Head<'_> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_FAST_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
+    // Left uninitialized: httparse writes the ones it fills.
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_FAST_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(len)) => match Fast::of(&req, max_body) {
             Some(fast) => Head::Fast(len, fast),
             None => Head::Other,
@@ -345,14 +356,14 @@ fn plain_target_byte(b: u8) -> bool {
     (0x21..0x7f).contains(&b) && !b"\"#<>\\^`{|}".contains(&b)
 }
 
-/// Answers `fast` (whose body is `body`) into `out`; false when the connection must
-/// close after it.
+/// Answers `fast` (whose body is `body`) into `out` (`scratch`: room to write a
+/// response body in); false when the connection must close after it.
 async fn answer(
     state: &Shared,
     peer: &Peer,
     fast: &Fast<'_>,
     body: &[u8],
-    out: &mut Vec<u8>,
+    (out, scratch): (&mut Vec<u8>, &mut Vec<u8>),
 ) -> bool {
     let id = RequestId::of_raw(state, fast.request_id);
     let forwarded = fast.forwarded.iter().map_while(|v| *v);
@@ -374,7 +385,7 @@ async fn answer(
             .await;
             match found {
                 Ok(entry) => {
-                    write_entry(state, &id, fast, &entry, out);
+                    write_entry(state, &id, fast, &entry, out, scratch);
                     return true;
                 }
                 Err(e) => e.into_response(),
@@ -404,7 +415,14 @@ async fn answer(
 
 /// Writes the answer to a read that found `entry` (as `native::read_entry` would
 /// build it), after recording it.
-fn write_entry(state: &Shared, id: &RequestId, fast: &Fast<'_>, entry: &Entry, out: &mut Vec<u8>) {
+fn write_entry(
+    state: &Shared,
+    id: &RequestId,
+    fast: &Fast<'_>,
+    entry: &Entry,
+    out: &mut Vec<u8>,
+    body: &mut Vec<u8>,
+) {
     let (method, endpoint) = fast.what.labels();
     record(
         state,
@@ -415,12 +433,12 @@ fn write_entry(state: &Shared, id: &RequestId, fast: &Fast<'_>, entry: &Entry, o
         None,
         fast.started,
     );
-    let mut body = Vec::with_capacity(native::entry_size(entry));
-    native::write_entry_body(&mut body, entry);
+    body.clear();
+    native::write_entry_body(body, entry);
     out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\netag: \"");
     out.extend_from_slice(itoa::Buffer::new().format(entry.revision).as_bytes());
     out.extend_from_slice(b"\"\r\n");
-    write_tail(out, id, &body);
+    write_tail(out, id, body);
 }
 
 /// Writes a response the application built (an error, a COMET read), after
