@@ -117,7 +117,10 @@ pub fn markdown(r: &Results) -> String {
          every acknowledged write is in the write-ahead log, one fsync per group commit; \
          the B-tree takes the writes of each 20 ms in one checkpoint, made durable every 2 s; page cache of 24 MiB, entry cache of 48 MiB). etcd runs as one member with its defaults; reads use serializable \
          ranges. Redis runs with the append-only file, `appendfsync always` (durable, the fair \
-         comparison) and `everysec`.\n",
+         comparison) and `everysec`. Systems are measured one after the other: the bare server, \
+         Amphora, Redis `always`, Redis `everysec`, etcd, so that the bare server's gets come \
+         about a minute before Amphora's and Redis `always` a few minutes after it (a shared \
+         host's speed drifts by the minute).\n",
         s["clients"],
         s["duration_s"],
         s.get("warmup_s").cloned().unwrap_or(serde_json::json!(0)),
