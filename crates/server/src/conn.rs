@@ -106,14 +106,31 @@ pub async fn serve_connection<I, A>(
     A: Application,
 {
     tokio::pin!(stop);
+    // The loop's buffers and timer end with it: a connection handed to hyper (a
+    // watch stream can last days) keeps none of them.
+    if let Some(unanswered) = answer_plain(&mut io, &cx.state, &cx.peer, stop.as_mut()).await {
+        hand_over(Rewind::new(io, unanswered), cx, stop).await;
+    }
+}
+
+/// The loop: answers plain requests until the connection ends (`None`) or a request
+/// comes that is not one (the bytes read and not answered, for hyper).
+async fn answer_plain<I>(
+    io: &mut I,
+    state: &Shared,
+    peer: &Peer,
+    mut stop: Pin<&mut impl Future<Output = ()>>,
+) -> Option<Bytes>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let (mut out, mut scratch) = (Vec::with_capacity(1024), Vec::with_capacity(1024));
     let mut waiting_since = tokio::time::Instant::now();
     let timer = tokio::time::sleep_until(waiting_since + HEADER_READ_TIMEOUT);
     tokio::pin!(timer);
     // Bodies the loop reads whole: at most the value limit, and never above 64 KiB.
-    let max_body = cx
-        .state
+    let max_body = state
         .service
         .settings()
         .limits
@@ -125,9 +142,9 @@ pub async fn serve_connection<I, A>(
                 out.clear();
                 let body = &buf[len..len + fast.body_len];
                 let bufs = (&mut out, &mut scratch);
-                let keep_alive = answer(&cx.state, &cx.peer, &fast, body, bufs).await;
+                let keep_alive = answer(state, peer, &fast, body, bufs).await;
                 if io.write_all(&out).await.is_err() || io.flush().await.is_err() || !keep_alive {
-                    return;
+                    return None;
                 }
                 let used = len + fast.body_len;
                 buf.advance(used);
@@ -143,7 +160,8 @@ pub async fn serve_connection<I, A>(
             // The body is still coming.
             Head::Fast(..) => {}
             Head::Partial if buf.len() <= MAX_FAST_HEAD => {}
-            Head::Partial | Head::Other => break,
+            // In an allocation of its own: the read buffer's room goes with the loop.
+            Head::Partial | Head::Other => return Some(Bytes::copy_from_slice(&buf)),
         }
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(8 * 1024);
@@ -151,21 +169,20 @@ pub async fn serve_connection<I, A>(
         tokio::select! {
             biased;
             read = io.read_buf(&mut buf) => match read {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => return None,
                 Ok(_) => {}
             },
             () = &mut timer => {
                 let deadline = waiting_since + HEADER_READ_TIMEOUT;
                 if tokio::time::Instant::now() >= deadline {
-                    tracing::debug!(client = %cx.peer.addr, "no request head within {HEADER_READ_TIMEOUT:?}; closing");
-                    return;
+                    tracing::debug!(client = %peer.addr, "no request head within {HEADER_READ_TIMEOUT:?}; closing");
+                    return None;
                 }
                 timer.as_mut().reset(deadline);
             },
-            () = &mut stop => return,
+            () = &mut stop => return None,
         }
     }
-    hand_over(Rewind::new(io, buf.freeze()), cx, stop).await;
 }
 
 /// Serves the rest of a connection with hyper, behind the whole application.
@@ -393,7 +410,9 @@ async fn answer(
         }
         What::Write(names) => {
             let caller = caller_from(state, Some(peer), forwarded, "native");
-            let written = async {
+            // Boxed, as the COMET read below: a write's future is large, and held
+            // inline it would size every connection's task, for its whole life.
+            let written = Box::pin(async {
                 // Names, then tokens and conditions, then the body, as `hot.rs` and
                 // the router take them.
                 let key = state
@@ -401,13 +420,13 @@ async fn answer(
                     .entry_key(names.context, names.family, names.key)?;
                 let checked = fast.headers.check(&Query::default())?;
                 native::write_value(state, &caller, &key, checked, body).await
-            }
+            })
             .await;
             written.unwrap_or_else(IntoResponse::into_response)
         }
         What::Comet(query) => {
             let caller = caller_from(state, Some(peer), forwarded, "comet");
-            comet::read_scope_answer(state, &caller, *query).await
+            Box::pin(comet::read_scope_answer(state, &caller, *query)).await
         }
     };
     write_response(out, response, &id, fast, state).await
@@ -543,6 +562,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // An advanced `Bytes` still holds its allocation: let it go.
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
@@ -677,6 +700,25 @@ mod tests {
             fast.forwarded,
             [Some(&b"1.2.3.4"[..]), Some(&b"5.6.7.8"[..]), None, None]
         );
+    }
+
+    #[tokio::test]
+    async fn rewind_reads_the_unanswered_bytes_then_the_stream() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut io = Rewind::new(server, Bytes::from_static(b"GET / HTTP/1.1\r\n"));
+        client.write_all(b"host: h\r\n\r\n").await.unwrap();
+        drop(client);
+        let mut all = Vec::new();
+        io.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"GET / HTTP/1.1\r\nhost: h\r\n\r\n");
+        assert!(io.prefix.is_empty());
+        // Small reads take the prefix a piece at a time.
+        let (_client, server) = tokio::io::duplex(64);
+        let mut io = Rewind::new(server, Bytes::from_static(b"abcdef"));
+        let mut two = [0u8; 2];
+        io.read_exact(&mut two).await.unwrap();
+        assert_eq!(&two, b"ab");
+        assert_eq!(&io.prefix[..], b"cdef");
     }
 
     #[test]
