@@ -2,12 +2,15 @@
 //! commit batch sizes and durations, the number of stored entries, the entry
 //! cache's hits, misses and size, token failures and watches.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -21,16 +24,100 @@ struct EndpointLabels {
     endpoint: &'static str,
 }
 
+/// The upper bounds of latency buckets: 50 µs doubling to about 3.3 s.
+const LATENCY_BOUNDS: usize = 17;
+
+fn latency_bounds() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.00005, 2.0, LATENCY_BOUNDS as u16)
+}
+
 fn latency_histogram() -> Histogram {
-    // 50 µs to about 3.3 s.
-    Histogram::new(exponential_buckets(0.00005, 2.0, 17))
+    Histogram::new(latency_bounds())
+}
+
+/// A request latency histogram that takes no lock. prometheus-client's `Histogram`
+/// takes a write lock for each observation, which the threads answering requests
+/// would all take in turn (a global lock on the read path). Here each thread adds
+/// to one of a few shards, each its own cache lines of atomic counters, and a
+/// scrape adds the shards up (the count is the sum of the buckets, so the two
+/// always agree).
+#[derive(Clone, Debug)]
+pub struct LatencyHistogram(Arc<[Shard; SHARDS]>);
+
+/// Shards of a [`LatencyHistogram`]; threads are spread over them in turn.
+const SHARDS: usize = 8;
+
+/// One shard: a count per bucket (the last one above every bound) and the sum of
+/// the observations in nanoseconds.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard {
+    buckets: [AtomicU64; LATENCY_BOUNDS + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram(Arc::new(Default::default()))
+    }
+}
+
+impl LatencyHistogram {
+    /// Records one observation of `seconds`.
+    pub fn observe(&self, seconds: f64) {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        }
+        let shard = &self.0[SHARD.with(|s| *s)];
+        let bucket = latency_bounds()
+            .position(|bound| seconds <= bound)
+            .unwrap_or(LATENCY_BOUNDS);
+        shard.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        let nanos = (seconds * 1e9) as u64;
+        shard.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// The sum in seconds, the count, and each bucket's upper bound and count.
+    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let bounds = latency_bounds().chain(std::iter::once(f64::MAX));
+        let buckets: Vec<(f64, u64)> = bounds
+            .enumerate()
+            .map(|(i, bound)| {
+                let n = self.0.iter().map(|s| s.buckets[i].load(Ordering::Relaxed));
+                (bound, n.sum())
+            })
+            .collect();
+        let nanos: u64 = self
+            .0
+            .iter()
+            .map(|s| s.sum_nanos.load(Ordering::Relaxed))
+            .sum();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        (nanos as f64 / 1e9, count, buckets)
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let (sum, count, buckets) = self.snapshot();
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 /// Every metric the server exports.
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    latency: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    latency: Family<EndpointLabels, LatencyHistogram>,
     commit_batch: Histogram,
     commit_seconds: Histogram,
     entries: Gauge,
@@ -47,7 +134,7 @@ pub struct Metrics {
     render_lock: std::sync::Mutex<()>,
     /// The latency histogram of each of [`ENDPOINTS`], found without the family's
     /// lock and hashing (a request's cost is counted in these).
-    latency_of: Vec<(&'static str, Histogram)>,
+    latency_of: Vec<(&'static str, LatencyHistogram)>,
     /// The request counters of [`HOT_REQUESTS`], found the same way.
     requests_of: Vec<(RequestLabels, Counter)>,
 }
@@ -103,9 +190,7 @@ impl Metrics {
             "HTTP requests by endpoint, method and status",
             requests.clone(),
         );
-        let latency = Family::<EndpointLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            latency_histogram,
-        );
+        let latency = Family::<EndpointLabels, LatencyHistogram>::default();
         registry.register(
             "http_request_duration_seconds",
             "HTTP request latency by endpoint",
@@ -294,5 +379,47 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(name: &str, metric: impl prometheus_client::registry::Metric) -> Vec<String> {
+        let mut registry = Registry::default();
+        registry.register(name, "h", metric);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        out.lines().map(str::to_owned).collect()
+    }
+
+    /// Observed from several threads, the lock-free histogram exports what
+    /// prometheus-client's own does for the same observations.
+    #[test]
+    fn latency_histograms_export_what_prometheus_histograms_do() {
+        let ours = LatencyHistogram::default();
+        let theirs = latency_histogram();
+        let values = [
+            0.000_01, 0.000_05, 0.000_07, 0.001, 0.002_5, 0.5, 3.0, 10.0, 0.000_2,
+        ];
+        std::thread::scope(|s| {
+            for chunk in values.chunks(2) {
+                let ours = &ours;
+                s.spawn(move || chunk.iter().for_each(|v| ours.observe(*v)));
+            }
+        });
+        values.iter().for_each(|v| theirs.observe(*v));
+        let (ours, theirs) = (text("d", ours), text("d", theirs));
+        assert_eq!(ours.len(), theirs.len(), "{ours:#?}\n{theirs:#?}");
+        for (a, b) in ours.iter().zip(&theirs) {
+            if a.starts_with("d_sum") {
+                let value = |l: &str| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+                assert!((value(a) - value(b)).abs() < 1e-6, "{a} vs {b}");
+            } else {
+                assert_eq!(a, b);
+            }
+        }
+        assert!(ours.iter().any(|l| l == "d_count 9"), "{ours:#?}");
     }
 }
