@@ -1,27 +1,29 @@
-//! One HTTP/1.1 connection: plain entry reads and COMET reads answered here, on the
-//! connection's own task, and everything else handed to hyper.
+//! One HTTP/1.1 connection: plain entry reads and writes and COMET reads answered
+//! here, on the connection's own task, and everything else handed to hyper.
 //!
-//! Most of what a metadata service answers is `GET /v1/kv/{context}/{family}/{key}`
-//! (and `GET /readScope` for COMET clients), one small JSON body each. Through hyper
-//! and the tower stack such a read costs more in the HTTP layers than in the service:
-//! the head parsed into a `HeaderMap` of shared buffers, the connection's `Peer`
-//! put in the request's extensions, the response built as a `HeaderMap` and a boxed
-//! body, a header-read timer re-armed per request. This loop parses each request head
-//! with `httparse` (the parser hyper uses) in place, and answers a read whose head is
-//! plain — see [`Fast::of`] — by calling the service directly and writing the
-//! response bytes itself: the same answer the router and [`crate::hot::HotRoute`]
-//! give, with the same request id, metrics and failure log (`http::record`).
+//! Most of what a metadata service answers is `GET` and `PUT
+//! /v1/kv/{context}/{family}/{key}` (and `GET /readScope` for COMET clients), one
+//! small JSON body each. Through hyper and the tower stack such a request costs more
+//! in the HTTP layers than in the service: the head parsed into a `HeaderMap` of
+//! shared buffers, the connection's `Peer` put in the request's extensions, the
+//! response built as a `HeaderMap` and a boxed body, a header-read timer re-armed per
+//! request. This loop parses each request head with `httparse` (the parser hyper
+//! uses) in place, and answers a request whose head is plain — see `Fast::of` — by
+//! calling the functions [`crate::hot::HotRoute`] calls and writing the response
+//! bytes itself: the same answer the router and the hot route give, with the same
+//! request id, metrics and failure log (`http::record`).
 //!
-//! The first request that is not such a read (another method or path, a body, an
-//! upgrade, `Connection` or `Expect` headers, HTTP/1.0, a malformed or oversized head,
-//! debug logging on) hands the connection, with every byte read and not yet answered,
-//! to hyper for the rest of its life: anything unusual is decided by hyper exactly as
-//! before. Responses stay in request order, since a response is written whole before
-//! the next request is looked at.
+//! The first request that is not plain (another method or path, a body on a read, a
+//! write's body without one `Content-Length` or over 64 KiB, an upgrade,
+//! `Connection`, `Expect` or `Transfer-Encoding` headers, HTTP/1.0, a malformed or
+//! oversized head, debug logging on) hands the connection, with every byte read and
+//! not yet answered, to hyper for the rest of its life: anything unusual is decided
+//! by hyper exactly as before. Responses stay in request order, since a response is
+//! written whole before the next request is looked at.
 //!
-//! Bounds are hyper's: a request head must arrive within [`HEADER_READ_TIMEOUT`] of
-//! the previous response (or of the connection's start), and shutdown closes idle
-//! connections and lets a request in progress finish.
+//! Bounds are hyper's: a request head (and a plain write's body) must arrive within
+//! [`HEADER_READ_TIMEOUT`] of the previous response (or of the connection's start),
+//! and shutdown closes idle connections and lets a request in progress finish.
 
 use crate::error::{ApiError, ServerSideError};
 use crate::hot::{PlainEntry, is_comet_read_path};
