@@ -787,6 +787,25 @@ const BARRIER_OVERLAY_BYTES: usize = 512 * 1024;
 /// ... or, under a load that keeps it bigger, once it has waited this long.
 const BARRIER_MAX_WAIT: Duration = Duration::from_secs(1);
 
+/// The checkpoint thread's nice value. It is background work (a checkpoint only has
+/// to keep up on average; the overlay holds what it has not applied yet), and on a
+/// small machine it competed for the cores with the threads every write waits for:
+/// the request workers, this writer and the log. At the lowest priority it runs on
+/// what they leave; if they leave nothing, the overlay reaches `checkpoint_bytes`
+/// and the writer waits for the checkpoint, which then has the cores.
+const CHECKPOINT_NICE: libc::c_int = 19;
+
+/// Lowers the calling thread's priority to `nice` (on Linux a nice value belongs to
+/// a thread). Raising one's own nice value needs no privilege.
+fn lower_priority(nice: libc::c_int) {
+    // SAFETY: setpriority only reads its arguments; `who` = 0 is the calling thread.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if rc != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "lowering the checkpoint thread's priority failed");
+    }
+}
+
 /// What the checkpoint thread makes durable.
 struct CheckpointJob {
     /// Changes to apply to redb first (the overlay's frozen layer).
@@ -838,6 +857,7 @@ impl Checkpointer {
         let thread = std::thread::Builder::new()
             .name("amphora-checkpoint".into())
             .spawn(move || {
+                lower_priority(CHECKPOINT_NICE);
                 loop {
                     match job_rx.recv_timeout(idle) {
                         Ok(job) => {

@@ -764,3 +764,29 @@ async fn futures_like_join<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Outpu
         .map(|o| o.expect("every future finished"))
         .collect()
 }
+
+/// The checkpoint thread runs at the lowest priority (nice 19).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkpoint_thread_runs_at_the_lowest_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let mut seen = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let task = task.unwrap().path();
+        let Ok(comm) = std::fs::read_to_string(task.join("comm")) else {
+            continue; // a thread that ended meanwhile
+        };
+        if comm.trim() != "amphora-checkpo" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+        // Fields after the command name's closing parenthesis start at field 3;
+        // the nice value is field 19.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let nice: i32 = after.split(' ').nth(16).unwrap().parse().unwrap();
+        assert_eq!(nice, 19, "{stat}");
+        seen += 1;
+    }
+    assert!(seen >= 1, "no checkpoint thread found");
+    store.close().await.unwrap();
+}
