@@ -62,6 +62,14 @@ pub struct SuiteArgs {
     /// Entries loaded for the memory measurement.
     #[arg(long, default_value_t = 1_000_000)]
     pub memory_entries: u64,
+    /// Alternating rounds for the two goals whose systems the main pass measures
+    /// minutes apart: durable put against Redis `always`, get against the bare
+    /// server. Both systems of a pair run side by side and each round measures one,
+    /// then the other (the order swapped every round), so that the machine's drift
+    /// falls on both alike; those goals' ratios are the medians of the rounds. 0
+    /// leaves the rounds out (the ratios then come from the main pass).
+    #[arg(long, default_value_t = 3)]
+    pub pair_rounds: u32,
     /// Where scratch data directories go.
     #[arg(long, default_value = "/tmp/amphora-bench")]
     pub scratch: PathBuf,
@@ -178,6 +186,23 @@ pub struct Results {
     pub machine: Vec<(String, String)>,
     /// Every measurement.
     pub rows: Vec<Row>,
+    /// The alternating rounds (see [`SuiteArgs::pair_rounds`]).
+    #[serde(default)]
+    pub rounds: Vec<Round>,
+}
+
+/// One alternating round of a goal pair: Amphora's native API and its peer, measured
+/// one right after the other.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Round {
+    /// The workload ("durable put" or "get").
+    pub workload: String,
+    /// 1, 2, ...
+    pub round: u32,
+    /// Amphora's measurement.
+    pub amphora: Row,
+    /// The peer's.
+    pub peer: Row,
 }
 
 fn shape(a: &SuiteArgs, key_space: u64) -> Shape {
@@ -195,6 +220,29 @@ async fn conns(t: &Target, n: usize) -> anyhow::Result<Vec<Box<dyn workload::Con
         out.push(t.connect().await?);
     }
     Ok(out)
+}
+
+/// What runs before each closed-loop measurement: for gets, every key read once in
+/// order; then `warmup` of the workload itself, unmeasured (see [`SuiteArgs::warmup`]).
+async fn warm_up(t: &Target, w: Workload, a: &SuiteArgs) -> anyhow::Result<()> {
+    if w == Workload::Get {
+        let pass = Target {
+            shape: Shape {
+                sequential: true,
+                ..t.shape
+            },
+            ..t.clone()
+        };
+        let c = conns(&pass, a.clients).await?;
+        let amount = Amount::Total(pass.shape.key_space);
+        workload::run(c, w, pass.shape, FAMILIES, amount, Mode::Closed).await;
+    }
+    if !a.warmup.is_zero() {
+        let c = conns(t, a.clients).await?;
+        let amount = Amount::Duration(a.warmup);
+        workload::run(c, w, t.shape, FAMILIES, amount, Mode::Closed).await;
+    }
+    Ok(())
 }
 
 /// Runs one workload against one target and measures the server.
@@ -276,6 +324,9 @@ async fn measure_watch(
     Ok(())
 }
 
+/// Starts one system, fresh.
+type Start<'a> = Box<dyn Fn() -> anyhow::Result<Server> + 'a>;
+
 /// Families of 100 entries for the list workload.
 pub const FAMILIES: u64 = 10;
 
@@ -290,33 +341,19 @@ async fn preload(t: &Target, a: &SuiteArgs) -> anyhow::Result<Target> {
         },
         ..t.clone()
     };
-    let put_all = |t: Target| async move {
-        let c = conns(&t, 32).await?;
-        let m = workload::run(
-            c,
-            Workload::Put,
-            t.shape,
-            FAMILIES,
-            Amount::Total(t.shape.key_space),
-            Mode::Closed,
-        )
-        .await;
-        anyhow::ensure!(m.errors == 0, "preload failed: {:?}", m.first_error);
-        anyhow::Ok(())
-    };
     match t.kind {
         Kind::BareHttp => {}
         Kind::RedisAlways | Kind::RedisEverysec => {
-            put_all(loader(t.kind, a.key_space)).await?;
+            put_all(&loader(t.kind, a.key_space)).await?;
             redis_preload(&loader(t.kind, a.leases), FAMILIES).await?;
         }
         Kind::AmphoraNative | Kind::AmphoraComet => {
-            put_all(loader(Kind::AmphoraNative, a.key_space)).await?;
+            put_all(&loader(Kind::AmphoraNative, a.key_space)).await?;
             // Families for lists and leased entries for lease churn, through the native API.
             amphora_preload(t, a).await?;
         }
         Kind::EtcdGrpc | Kind::EtcdGateway => {
-            put_all(loader(Kind::EtcdGateway, a.key_space)).await?;
+            put_all(&loader(Kind::EtcdGateway, a.key_space)).await?;
             etcd_gateway_lists(t).await?;
             if cfg!(feature = "etcd") {
                 let leases =
@@ -329,6 +366,106 @@ async fn preload(t: &Target, a: &SuiteArgs) -> anyhow::Result<Target> {
         }
     }
     Ok(t.clone())
+}
+
+/// Writes every key of `t`'s key space once (`t`'s shape says in which order).
+async fn put_all(t: &Target) -> anyhow::Result<()> {
+    let c = conns(t, 32).await?;
+    let m = workload::run(
+        c,
+        Workload::Put,
+        t.shape,
+        FAMILIES,
+        Amount::Total(t.shape.key_space),
+        Mode::Closed,
+    )
+    .await;
+    anyhow::ensure!(m.errors == 0, "preload failed: {:?}", m.first_error);
+    Ok(())
+}
+
+/// The goal pairs in alternating rounds (see [`SuiteArgs::pair_rounds`]). Each pair
+/// gets its own fresh servers, both running for all its rounds, both with every key
+/// written once; each measurement follows the same warm-up as in the main pass. The
+/// peer goes first in odd rounds, Amphora in even ones.
+async fn alternate(a: &SuiteArgs, scratch: &std::path::Path) -> anyhow::Result<Vec<Round>> {
+    let mut pairs: Vec<(Workload, &str, Kind, Start)> = Vec::new();
+    if let Some(bin) = &a.redis_bin {
+        pairs.push((
+            Workload::Put,
+            "durable put",
+            Kind::RedisAlways,
+            Box::new(move || servers::redis(bin, scratch, "always")),
+        ));
+    }
+    pairs.push((
+        Workload::Get,
+        "get",
+        Kind::BareHttp,
+        Box::new(|| servers::bare(scratch)),
+    ));
+    let mut rounds = Vec::new();
+    if a.pair_rounds == 0 {
+        return Ok(rounds);
+    }
+    for (w, name, peer_kind, start_peer) in pairs {
+        let ours = servers::amphora(&a.amphora_bin, scratch)?;
+        let peer = start_peer().with_context(|| format!("starting {peer_kind:?}"))?;
+        let systems = [(Kind::AmphoraNative, &ours), (peer_kind, &peer)];
+        let targets = systems.map(|(kind, server)| Target {
+            kind,
+            addr: server.addr.clone(),
+            shape: shape(a, a.key_space),
+            leases: Arc::new(Vec::new()),
+        });
+        for t in &targets {
+            if t.kind != Kind::BareHttp {
+                let load = Target {
+                    shape: Shape {
+                        sequential: true,
+                        ..t.shape
+                    },
+                    ..t.clone()
+                };
+                put_all(&load)
+                    .await
+                    .with_context(|| format!("preloading {:?}", t.kind))?;
+            }
+        }
+        for round in 1..=a.pair_rounds {
+            let order = if round % 2 == 1 { [1, 0] } else { [0, 1] };
+            let mut measured: [Option<Row>; 2] = [None, None];
+            for i in order {
+                let (t, server) = (&targets[i], systems[i].1);
+                warm_up(t, w, a).await?;
+                let mut rows = Vec::new();
+                let label = format!("{name}, round {round}");
+                let amount = Amount::Duration(a.duration);
+                measure(
+                    &mut rows,
+                    server,
+                    t,
+                    &label,
+                    w,
+                    a.clients,
+                    amount,
+                    Mode::Closed,
+                )
+                .await?;
+                measured[i] = rows.pop();
+            }
+            let [Some(amphora), Some(peer)] = measured else {
+                anyhow::bail!("a round without both measurements");
+            };
+            rounds.push(Round {
+                workload: name.into(),
+                round,
+                amphora,
+                peer,
+            });
+        }
+    }
+    Ok(rounds)
 }
 
 /// One kept-alive HTTP/1.1 connection for preloading.
@@ -435,7 +572,6 @@ pub async fn run(a: SuiteArgs) -> anyhow::Result<()> {
     let scratch = a.scratch.clone();
     let scratch = scratch.as_path();
     let mut rows = Vec::new();
-    type Start<'a> = Box<dyn Fn() -> anyhow::Result<Server> + 'a>;
     // In the order that puts the pairs the goals compare close in time (the
     // machine's speed drifts by the minute on a shared host): the bare server's
     // gets right before Amphora's, Redis `always` right after Amphora, etcd last.
@@ -493,24 +629,7 @@ pub async fn run(a: SuiteArgs) -> anyhow::Result<()> {
                 } else {
                     t.clone()
                 };
-                if w == Workload::Get {
-                    // Every key once, in order (see `SuiteArgs::warmup`).
-                    let pass = Target {
-                        shape: Shape {
-                            sequential: true,
-                            ..t.shape
-                        },
-                        ..t.clone()
-                    };
-                    let c = conns(&pass, a.clients).await?;
-                    let amount = Amount::Total(pass.shape.key_space);
-                    workload::run(c, w, pass.shape, FAMILIES, amount, Mode::Closed).await;
-                }
-                if !a.warmup.is_zero() {
-                    let c = conns(&t, a.clients).await?;
-                    let amount = Amount::Duration(a.warmup);
-                    workload::run(c, w, t.shape, FAMILIES, amount, Mode::Closed).await;
-                }
+                warm_up(&t, w, &a).await?;
                 let peak = measure(
                     &mut rows,
                     &server,
@@ -552,6 +671,8 @@ pub async fn run(a: SuiteArgs) -> anyhow::Result<()> {
         }
         drop(server);
     }
+
+    let rounds = alternate(&a, scratch).await?;
 
     // Memory: a fresh server per system, loaded with memory_entries entries.
     for (kinds, start) in &systems {
@@ -596,9 +717,11 @@ pub async fn run(a: SuiteArgs) -> anyhow::Result<()> {
             "key_size": a.key_size, "val_size": a.val_size, "leases": a.leases,
             "memory_entries": a.memory_entries, "command": a.command,
             "watchers": a.watchers, "watch_events": a.watch_events, "watch_rate": a.watch_rate,
+            "pair_rounds": a.pair_rounds,
         }),
         machine: crate::report::machine(&a),
         rows,
+        rounds,
     };
     std::fs::write(&a.json, serde_json::to_string_pretty(&results)?)?;
     std::fs::write(&a.markdown, crate::report::markdown(&results))?;
@@ -607,6 +730,7 @@ pub async fn run(a: SuiteArgs) -> anyhow::Result<()> {
     let failed: Vec<String> = results
         .rows
         .iter()
+        .chain(results.rounds.iter().flat_map(|r| [&r.amphora, &r.peer]))
         .filter(|r| r.errors > 0)
         .map(|r| {
             format!(
