@@ -30,7 +30,8 @@
 //! once redb holds all of it.
 
 use crate::redb::{
-    GRAVES, KV, LEASE_EXPIRY, LEASES, LOG, Stored, backend, decode_event, lease_live, live_lease,
+    GRAVES, KV, LEASE_EXPIRY, LEASES, LOG, Stored, backend, check_compacted, compacted_in,
+    decode_event, lease_live, live_lease,
 };
 use crate::{Event, KeyValue, Lease, LeaseId, Page, Result, Revision};
 use redb::{ReadOnlyTable, ReadTransaction, ReadableTableMetadata};
@@ -111,12 +112,15 @@ pub(crate) struct Base {
     leases: ReadOnlyTable<u64, (u64, u64)>,
     lease_expiry: ReadOnlyTable<(u64, u64), ()>,
     entries: u64,
+    /// The last revision compaction had removed from the snapshot's history.
+    compacted: Revision,
 }
 
 impl Base {
     pub(crate) fn open(txn: &ReadTransaction) -> Result<Arc<Base>> {
         let kv = txn.open_table(KV).map_err(backend)?;
         Ok(Arc::new(Base {
+            compacted: compacted_in(txn)?,
             entries: kv.len().map_err(backend)?,
             kv,
             log: txn.open_table(LOG).map_err(backend)?,
@@ -349,6 +353,9 @@ impl Overlay {
     }
 
     pub(crate) fn changes_from(&self, from: Revision, limit: usize) -> Result<Vec<Event>> {
+        // Compaction is a barrier (it runs with no overlay), so the base's horizon is
+        // the overlay's.
+        check_compacted(self.base.compacted, from)?;
         // Revisions grow from the base to the frozen layer to the current one.
         let mut out = Vec::new();
         for item in self.base.log.range(from..).map_err(backend)?.take(limit) {

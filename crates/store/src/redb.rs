@@ -515,6 +515,24 @@ impl RedbStore {
     }
 }
 
+/// The last revision compaction removed from the history of the snapshot `txn`.
+pub(crate) fn compacted_in(txn: &redb::ReadTransaction) -> Result<Revision> {
+    let meta = txn.open_table(META).map_err(backend)?;
+    Ok(meta
+        .get("compacted")
+        .map_err(backend)?
+        .map_or(0, |g| g.value()))
+}
+
+/// [`StoreError::Compacted`] when history up to `compacted` no longer holds the
+/// change at `from`.
+pub(crate) fn check_compacted(compacted: Revision, from: Revision) -> Result<()> {
+    if from <= compacted && compacted > 0 {
+        return Err(StoreError::Compacted { compacted });
+    }
+    Ok(())
+}
+
 fn unexpected() -> StoreError {
     StoreError::Unavailable("the writer answered with the wrong kind of result".into())
 }
@@ -621,14 +639,14 @@ impl Store for RedbStore {
     }
 
     async fn changes(&self, from: Revision, limit: usize) -> Result<Vec<Event>> {
-        let compacted = self.shared.compacted.load(Ordering::Acquire);
-        if from <= compacted && compacted > 0 {
-            return Err(StoreError::Compacted { compacted });
-        }
+        check_compacted(self.shared.compacted.load(Ordering::Acquire), from)?;
         if let Some(overlay) = self.overlay() {
             return overlay.changes_from(from, limit);
         }
+        // The horizon again, as of the snapshot read: a compaction committed since
+        // the load above is in it, and may not pass for a gap in the log.
         let txn = self.read()?;
+        check_compacted(compacted_in(&txn)?, from)?;
         let log = txn.open_table(LOG).map_err(backend)?;
         let mut out = Vec::new();
         for item in log.range(from..).map_err(backend)?.take(limit) {
@@ -736,7 +754,22 @@ impl Store for RedbStore {
 
     async fn close(&self) -> Result<()> {
         // The shutdown marker queues behind every accepted write, so they all commit.
-        let outcome = self.submit(Op::Shutdown).await;
+        // It waits for room in a full queue: refused, it would leave the writer
+        // running and the join below waiting for it forever.
+        let (reply, answer) = oneshot::channel();
+        let outcome = match self
+            .queue
+            .send(Pending {
+                op: Op::Shutdown,
+                reply,
+            })
+            .await
+        {
+            Ok(()) => answer
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("the writer stopped".into()))),
+            Err(_) => Err(StoreError::Unavailable("the store is closed".into())),
+        };
         let handle = self.writer.lock().expect("writer handle lock").take();
         if let Some(handle) = handle {
             tokio::task::spawn_blocking(move || handle.join())
@@ -1165,6 +1198,19 @@ impl Writer {
 
     fn commit_batch(&mut self, batch: Vec<Pending>) {
         let started = Instant::now();
+        if self
+            .overlay
+            .as_ref()
+            .is_some_and(|o| o.bytes() as u64 >= self.options.checkpoint_bytes)
+        {
+            // The overlay's memory is bounded: past `checkpoint_bytes`, wait for the
+            // running checkpoint and hand the overlay to the next one. Before this
+            // batch takes its sequence number: a checkpoint claims every batch up to
+            // `seq` (a durable one lets the log go of them), and this one is not in
+            // the overlay yet.
+            self.settle_checkpoint(true);
+            self.maybe_checkpoint();
+        }
         let before = (self.revision, self.next_lease);
         let mut events = Vec::new();
         let ops: Vec<&Op> = batch.iter().map(|p| &p.op).collect();
@@ -1287,14 +1333,20 @@ impl Writer {
             self.shared.publish(Some(overlay.clone()));
             self.overlay = Some(overlay);
         }
-        self.checkpointer.start(CheckpointJob {
+        let started = self.checkpointer.start(CheckpointJob {
             changes: frozen,
             revision: self.revision,
             next_lease: self.next_lease,
             seq: self.seq,
             durable,
             wake: self.wake.clone(),
-        })
+        });
+        if started.is_err() {
+            // The frozen layer is in no checkpoint, and the next one would freeze the
+            // layer after it: stop writes (the log holds them all for a restart).
+            self.poisoned = true;
+        }
+        started
     }
 
     /// If a checkpoint runs and is done (or, with `wait`, once it is): lets the log
@@ -1329,11 +1381,14 @@ impl Writer {
                     tracing::warn!(error = %e, "the write-ahead log could not be emptied");
                 }
             }
-            let Some(old) = self.overlay.take() else {
+            // Kept until its successor exists: if the rebase fails, the writer still
+            // knows every acknowledged write (and stops taking new ones).
+            let Some(old) = self.overlay.clone() else {
                 return Ok(());
             };
             if crate::overlay::read(&old.current).is_empty() {
                 self.shared.publish(None);
+                self.overlay = None;
                 return Ok(());
             }
             // Readers that still hold the old overlay see the same state: the frozen
@@ -1421,7 +1476,10 @@ impl Writer {
             let ops = decode_ops(&record.payload)?;
             let refs: Vec<&Op> = ops.iter().collect();
             self.seq = record.seq;
-            self.apply(&refs, record.now_ms, &mut Vec::new(), None)?;
+            let (_, compacted) = self.apply(&refs, record.now_ms, &mut Vec::new(), None)?;
+            if let Some(c) = compacted {
+                self.shared.compacted.store(c, Ordering::Release);
+            }
             replayed += 1;
         }
         self.checkpoint()?;
@@ -1451,16 +1509,6 @@ impl Writer {
         log: Option<Vec<u8>>,
     ) -> Result<(Vec<Result<Outcome>>, Option<Revision>)> {
         let logged = log.is_some();
-        if self
-            .overlay
-            .as_ref()
-            .is_some_and(|o| o.bytes() as u64 >= self.options.checkpoint_bytes)
-        {
-            // The overlay's memory is bounded: past `checkpoint_bytes`, wait for the
-            // running checkpoint and hand the overlay to the next one.
-            self.settle_checkpoint(true);
-            self.maybe_checkpoint();
-        }
         let overlay = if logged && batch.iter().all(|op| overlay_can_take(op)) {
             Some(self.open_overlay()?)
         } else {
