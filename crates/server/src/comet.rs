@@ -91,9 +91,14 @@ pub async fn write_scope(
             let text = String::from_utf8(bytes.to_vec())
                 .map_err(|_| ApiError::BadRequest("the value must be UTF-8 text".into()))?;
             let value = serde_json::to_string(&text).expect("a string always serializes");
+            // The limit is on the text as sent (checked above), not on its escaped form.
+            let options = WriteOptions {
+                size_checked: true,
+                ..WriteOptions::default()
+            };
             state
                 .service
-                .write(&caller, &key, value, read, write, &WriteOptions::default())
+                .write(&caller, &key, value, read, write, &options)
                 .await?;
             Ok(json!({"Success": "Scope written"}))
         }

@@ -71,6 +71,9 @@ pub enum ApiError {
     /// The request body is larger than the server accepts.
     #[error("request body too large: the limit is {0} bytes")]
     BodyTooLarge(usize),
+    /// The request body stopped arriving.
+    #[error("no part of the request body arrived for {0} s")]
+    BodyTimeout(u64),
     /// A watch asked for changes older than the history the server keeps (the
     /// newest dropped revision).
     #[error(
@@ -116,6 +119,7 @@ impl ApiError {
             PreconditionFailed(_) => (StatusCode::PRECONDITION_FAILED, "precondition_failed"),
             ValueTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "value_too_large"),
             BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             Overloaded => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
             Compacted(_) => (StatusCode::GONE, "history_compacted"),
             TooManyWatchers(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_watchers"),

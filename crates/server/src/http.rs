@@ -618,7 +618,7 @@ pub fn error_headers(response: &mut Response, e: &ApiError) {
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     }
-    if matches!(e, ApiError::BodyTooLarge(_)) {
+    if matches!(e, ApiError::BodyTooLarge(_) | ApiError::BodyTimeout(_)) {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -689,7 +689,9 @@ async fn metrics(State(state): State<Shared>) -> Response {
 
 /// Reads a request body of at most `limit` bytes. A larger body is refused with 413;
 /// up to [`DRAIN_CAP`] bytes of it are read and discarded first, so that the client,
-/// still sending, receives the refusal instead of a reset connection.
+/// still sending, receives the refusal instead of a reset connection. A body that
+/// stops arriving for [`BODY_IDLE_TIMEOUT`] is refused with 408, and memory is
+/// taken as the body arrives, not as its `Content-Length` announces.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     use http_body_util::BodyExt;
     let declared = headers
@@ -701,10 +703,16 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     let mut buf = Vec::with_capacity(if too_large {
         0
     } else {
-        declared.unwrap_or(0) as usize
+        (declared.unwrap_or(0) as usize).min(BODY_RESERVE)
     });
     let mut seen = 0usize;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame())
+            .await
+            .map_err(|_| ApiError::BodyTimeout(BODY_IDLE_TIMEOUT.as_secs()))?;
+        let Some(frame) = frame else {
+            break;
+        };
         let frame = frame
             .map_err(|e| ApiError::BadRequest(format!("reading the request body failed: {e}")))?;
         let Ok(data) = frame.into_data() else {
@@ -717,7 +725,9 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
             too_large = true;
             buf = Vec::new();
         }
-        if seen > DRAIN_CAP {
+        // Only a refused body is cut short: one within the limit is read whole,
+        // whatever the limit (it may be above the cap).
+        if too_large && seen > DRAIN_CAP {
             break;
         }
     }
@@ -730,9 +740,50 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
 /// The most bytes of an oversized body read (and discarded) before refusing it.
 pub const DRAIN_CAP: usize = 16 * 1024 * 1024;
 
+/// How long a request body may go without any of it arriving.
+pub const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The most memory taken for a body before any of it arrived.
+const BODY_RESERVE: usize = 64 * 1024;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn length(n: usize) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        headers
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_arriving_is_refused_after_the_idle_timeout() {
+        use futures_util::StreamExt as _;
+        let first = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from("abc"))]);
+        let body = Body::from_stream(first.chain(futures_util::stream::pending()));
+        let r = read_body(&length(1000), body, 1 << 20).await;
+        assert!(
+            matches!(r, Err(ApiError::BodyTimeout(s)) if s == BODY_IDLE_TIMEOUT.as_secs()),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_within_the_limit_is_read_whole_past_the_drain_cap() {
+        let chunk = Bytes::from(vec![b'x'; 1024 * 1024]);
+        let n = DRAIN_CAP / chunk.len() + 2;
+        let chunks = (0..n).map(move |_| Ok::<_, std::io::Error>(chunk.clone()));
+        let body = Body::from_stream(futures_util::stream::iter(chunks));
+        let total = n * 1024 * 1024;
+        let read = read_body(&length(total), body, total).await.unwrap();
+        assert_eq!(read.len(), total);
+        // One byte less of limit: refused.
+        let chunk = Bytes::from(vec![b'x'; 1024 * 1024]);
+        let chunks = (0..n).map(move |_| Ok::<_, std::io::Error>(chunk.clone()));
+        let body = Body::from_stream(futures_util::stream::iter(chunks));
+        let r = read_body(&length(total), body, total - 1).await;
+        assert!(matches!(r, Err(ApiError::BodyTooLarge(_))), "{r:?}");
+    }
 
     #[test]
     fn collapses_repeated_slashes_and_keeps_the_query() {

@@ -419,6 +419,7 @@ impl<'h> WriteHeaders<'h> {
                 }
             },
             ttl: parse_ttl(q)?,
+            size_checked: false,
         };
         Ok(CheckedWrite {
             read,

@@ -381,3 +381,49 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
         assert_eq!(record["client"], want, "trusted proxy: {trusted}");
     }
 }
+
+/// A history request whose read token matches none of an entry's history counts as
+/// a failed token check, as a read does (it answers 404, like a missing entry):
+/// history is no way to guess tokens past the throttle.
+#[tokio::test]
+async fn wrong_tokens_on_history_count_as_token_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = common::Server::start(
+        &dir.path().join("d"),
+        &["--max-token-failures", "3", "--token-failure-block", "30s"],
+    );
+    let c = common::client();
+    let r = c
+        .put(s.url("/v1/kv/ctx/f/k"))
+        .header("Amphora-Read-Token", common::READ)
+        .header("Amphora-Write-Token", common::WRITE)
+        .body("1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let history = |token: &str| {
+        c.get(s.url("/v1/kv/ctx/f/k/history"))
+            .header("Amphora-Read-Token", token)
+            .send()
+    };
+    assert_eq!(history(common::READ).await.unwrap().status(), 200);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(history("Guess1234x").await.unwrap().status().as_u16());
+    }
+    assert_eq!(seen, [404, 404, 404]);
+    // Blocked now, even with the right token.
+    assert_eq!(history(common::READ).await.unwrap().status(), 429);
+    // A key that never had a history costs nothing: another context is not blocked
+    // by its misses either.
+    for _ in 0..5 {
+        let r = c
+            .get(s.url("/v1/kv/other/f/never/history"))
+            .header("Amphora-Read-Token", "Guess1234x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+    }
+}

@@ -1847,8 +1847,13 @@ impl Writer {
 
     /// Checks `guard` against the current value and answers the value to write.
     fn apply_guard(current: &[u8], put: &Put, guard: &ValueGuard) -> Result<Vec<u8>> {
+        use subtle::ConstantTimeEq as _;
+        // In constant time: the checked bytes are token hashes.
         let checked = guard.offset..guard.offset.saturating_add(guard.expected.len());
-        if current.get(checked) != Some(guard.expected.as_slice()) {
+        let matches = current
+            .get(checked)
+            .is_some_and(|bytes| bool::from(bytes.ct_eq(&guard.expected)));
+        if !matches {
             return Err(StoreError::Mismatch);
         }
         let mut value = put.value.clone();
