@@ -68,7 +68,7 @@ pub struct SuiteArgs {
     /// then the other (the order swapped every round), so that the machine's drift
     /// falls on both alike; those goals' ratios are the medians of the rounds. 0
     /// leaves the rounds out (the ratios then come from the main pass).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub pair_rounds: u32,
     /// Where scratch data directories go.
     #[arg(long, default_value = "/tmp/amphora-bench")]
