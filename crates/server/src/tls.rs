@@ -177,7 +177,7 @@ impl Tls {
             .map(|(_, c)| c);
         let subject = parsed
             .as_ref()
-            .map(|c| c.subject().to_string())
+            .map(|c| subject_text(c.subject()))
             .unwrap_or_else(|| "(unparsable certificate)".into());
         let not_after_ms = parsed
             .as_ref()
@@ -196,5 +196,112 @@ impl Tls {
             subject,
             trusted_until_ms: trusted.then_some(not_after_ms),
         }
+    }
+}
+
+/// A certificate's subject as text: `CN=ops, O=Example`, attributes in the
+/// certificate's order (x509-parser's rendering), with the characters that could
+/// make a value pass for more of the name escaped as RFC 4514 says (`\,` `\+` `\=`
+/// and the like, control characters as `\XX`). So a certificate whose common name is
+/// `ops, O=Example` is `CN=ops\, O\=Example`, not the subject `CN=ops, O=Example`
+/// an `--admin-subject` may name, and no subject splits a log line.
+pub fn subject_text(name: &x509_parser::x509::X509Name<'_>) -> String {
+    use std::fmt::Write as _;
+    let registry = x509_parser::objects::oid_registry();
+    let mut out = String::new();
+    for (i, rdn) in name.iter_rdn().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        for (j, attr) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push_str(" + ");
+            }
+            match x509_parser::objects::oid2abbrev(attr.attr_type(), registry) {
+                Ok(abbrev) => out.push_str(abbrev),
+                Err(_) => out.push_str(&attr.attr_type().to_id_string()),
+            }
+            out.push('=');
+            match attr.as_str() {
+                Ok(value) => {
+                    let last = value.chars().count().saturating_sub(1);
+                    for (k, c) in value.chars().enumerate() {
+                        match c {
+                            ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=' => {
+                                out.push('\\');
+                                out.push(c);
+                            }
+                            '#' | ' ' if k == 0 => {
+                                out.push('\\');
+                                out.push(c);
+                            }
+                            ' ' if k == last => out.push_str("\\ "),
+                            c if c.is_control() => {
+                                let mut bytes = [0; 4];
+                                for b in c.encode_utf8(&mut bytes).bytes() {
+                                    let _ = write!(out, "\\{b:02X}");
+                                }
+                            }
+                            c => out.push(c),
+                        }
+                    }
+                }
+                // Not a string type: its bytes, as RFC 4514 writes them.
+                Err(_) => {
+                    out.push('#');
+                    for b in attr.as_slice() {
+                        let _ = write!(out, "{b:02X}");
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_text;
+    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+
+    /// The subject of a certificate with this name: ours, and x509-parser's.
+    fn subject_of(dn: &[(DnType, &str)]) -> (String, String) {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        let mut name = DistinguishedName::new();
+        for (t, v) in dn {
+            name.push(t.clone(), *v);
+        }
+        p.distinguished_name = name;
+        let cert = p.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
+        (subject_text(parsed.subject()), parsed.subject().to_string())
+    }
+
+    #[test]
+    fn plain_subjects_read_as_x509_parser_renders_them() {
+        let (ours, theirs) = subject_of(&[
+            (DnType::CommonName, "trusted"),
+            (DnType::OrganizationName, "Amphora development"),
+        ]);
+        assert_eq!(ours, "CN=trusted, O=Amphora development");
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn a_value_cannot_pass_for_more_attributes_or_split_a_line() {
+        let (forged, unescaped) = subject_of(&[(DnType::CommonName, "ops, O=Example")]);
+        assert_eq!(forged, "CN=ops\\, O\\=Example");
+        let (real, _) = subject_of(&[
+            (DnType::CommonName, "ops"),
+            (DnType::OrganizationName, "Example"),
+        ]);
+        assert_eq!(real, "CN=ops, O=Example");
+        // What x509-parser alone would have let through.
+        assert_eq!(unescaped, real);
+        assert_ne!(forged, real);
+        let (odd, _) = subject_of(&[(DnType::CommonName, "a\nb + c ")]);
+        assert_eq!(odd, "CN=a\\0Ab \\+ c\\ ");
+        let (hash, _) = subject_of(&[(DnType::CommonName, "#x")]);
+        assert_eq!(hash, "CN=\\#x");
     }
 }
