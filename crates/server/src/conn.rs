@@ -138,38 +138,50 @@ where
         .limits
         .max_value_bytes
         .min(MAX_FAST_BODY);
+    // The head is parsed again only when a read may have completed the request: once
+    // it is parsed, when the whole body is in (`need`, 0 while unknown); while it is
+    // partial, when a read brings what may end a head (`no_end`: the bytes known to
+    // hold no end). A body or a head sent a byte at a time is not parsed once a byte.
+    let (mut need, mut no_end) = (0usize, 0usize);
     loop {
-        match parse(&buf, max_body) {
-            Head::Fast(len, fast) if buf.len() >= len + fast.body_len => {
-                out.clear();
-                let body = &buf[len..len + fast.body_len];
-                let bufs = (&mut out, &mut scratch);
-                let keep_alive = answer(state, peer, &fast, body, bufs).await;
-                if io.write_all(&out).await.is_err() || io.flush().await.is_err() || !keep_alive {
-                    return None;
-                }
-                let used = len + fast.body_len;
-                buf.advance(used);
-                // A large answer's room is not kept for the connection's life.
-                for b in [&mut out, &mut scratch] {
-                    if b.capacity() > KEPT_ROOM {
-                        *b = Vec::with_capacity(1024);
+        if buf.len() >= need && (no_end == 0 || may_end_head(&buf[no_end.saturating_sub(2)..])) {
+            match parse(&buf, max_body) {
+                Head::Fast(len, fast) if buf.len() >= len + fast.body_len => {
+                    out.clear();
+                    let body = &buf[len..len + fast.body_len];
+                    let bufs = (&mut out, &mut scratch);
+                    let keep_alive = answer(state, peer, &fast, body, bufs).await;
+                    if send_all(io, &out).await.is_err() || !keep_alive {
+                        return None;
                     }
+                    let used = len + fast.body_len;
+                    buf.advance(used);
+                    (need, no_end) = (0, 0);
+                    // A large answer's room is not kept for the connection's life.
+                    for b in [&mut out, &mut scratch] {
+                        if b.capacity() > KEPT_ROOM {
+                            *b = Vec::with_capacity(1024);
+                        }
+                    }
+                    waiting_since = tokio::time::Instant::now();
+                    continue;
                 }
-                waiting_since = tokio::time::Instant::now();
-                continue;
+                // The body is still coming.
+                Head::Fast(len, fast) => (need, no_end) = (len + fast.body_len, 0),
+                Head::Partial if buf.len() <= MAX_FAST_HEAD => no_end = buf.len(),
+                // In an allocation of its own: the read buffer's room goes with the loop.
+                Head::Partial | Head::Other => return Some(Bytes::copy_from_slice(&buf)),
             }
-            // The body is still coming.
-            Head::Fast(..) => {}
-            Head::Partial if buf.len() <= MAX_FAST_HEAD => {}
-            // In an allocation of its own: the read buffer's room goes with the loop.
-            Head::Partial | Head::Other => return Some(Bytes::copy_from_slice(&buf)),
+        } else if need == 0 && buf.len() > MAX_FAST_HEAD {
+            return Some(Bytes::copy_from_slice(&buf));
         }
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(8 * 1024);
         }
         tokio::select! {
             biased;
+            // First: a client that keeps sending does not hold a shutdown back.
+            () = &mut stop => return None,
             read = io.read_buf(&mut buf) => match read {
                 Ok(0) | Err(_) => return None,
                 Ok(_) => {}
@@ -182,9 +194,51 @@ where
                 }
                 timer.as_mut().reset(deadline);
             },
-            () = &mut stop => return None,
         }
     }
+}
+
+/// Whether `bytes` may hold the end of a request head: an empty line, ended by
+/// `\n` or `\r\n` (httparse takes both).
+fn may_end_head(bytes: &[u8]) -> bool {
+    bytes.windows(2).any(|w| w == b"\n\n") || bytes.windows(3).any(|w| w == b"\n\r\n")
+}
+
+/// How long a response may take to leave, the client not reading it, before the
+/// connection is closed.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Writes `out` whole and flushes it: at once when the connection takes it, as it
+/// does almost always (no timer for those), else within [`WRITE_TIMEOUT`].
+async fn send_all<I: AsyncWrite + Unpin>(io: &mut I, out: &[u8]) -> std::io::Result<()> {
+    let mut written = 0;
+    let done = std::future::poll_fn(|cx| {
+        while written < out.len() {
+            match Pin::new(&mut *io).poll_write(cx, &out[written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Ready(Ok(false)),
+            }
+        }
+        match Pin::new(&mut *io).poll_flush(cx) {
+            Poll::Ready(flushed) => Poll::Ready(flushed.map(|()| true)),
+            Poll::Pending => Poll::Ready(Ok(false)),
+        }
+    })
+    .await?;
+    if done {
+        return Ok(());
+    }
+    let rest = async {
+        io.write_all(&out[written..]).await?;
+        io.flush().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, rest)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "response not read"))?
 }
 
 /// Serves the rest of a connection with hyper, behind the whole application.
@@ -607,6 +661,38 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_the_client_does_not_read_ends_the_connection_in_time() {
+        let (mut server, _client) = tokio::io::duplex(64);
+        let started = tokio::time::Instant::now();
+        let sent = send_all(&mut server, &[b'x'; 1024]).await;
+        assert_eq!(sent.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), WRITE_TIMEOUT);
+    }
+
+    #[tokio::test]
+    async fn a_response_goes_out_whole_however_the_client_reads_it() {
+        let (mut server, mut client) = tokio::io::duplex(64);
+        let out: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        send_all(&mut server, &out).await.unwrap();
+        drop(server);
+        assert_eq!(reader.await.unwrap(), out);
+    }
+
+    #[test]
+    fn the_end_of_a_head_is_found_with_either_line_ending() {
+        assert!(may_end_head(b"GET / HTTP/1.1\r\nhost: h\r\n\r\n"));
+        assert!(may_end_head(b"GET / HTTP/1.1\nhost: h\n\n"));
+        assert!(may_end_head(b"\n\r\n"));
+        assert!(!may_end_head(b"GET / HTTP/1.1\r\nhost: h\r\n"));
+        assert!(!may_end_head(b"\r\n\r"));
+    }
 
     fn classify(head: &str) -> Option<(usize, bool)> {
         match parse(head.as_bytes(), 1024) {

@@ -241,6 +241,27 @@ fn heads_in_pieces_and_long_heads_are_answered() {
     assert_eq!((a.status, value_of(&a)), (200, serde_json::json!("v")));
     c.send(head.as_bytes());
     assert_eq!(c.answer().status, 200);
+
+    // In pieces of 1, 2 and 3 bytes, so that the head's end and the body are split
+    // at every place: the loop parses again only when a read may have completed the
+    // request, and must still see every one complete.
+    for size in [1, 2, 3] {
+        let mut c = Raw::connect(&s);
+        let value = format!("\"w{size}\"");
+        let requests = [put("/v1/kv/c/f/k2", &value), get("/v1/kv/c/f/k2", "")];
+        let mut answers = Vec::new();
+        for request in &requests {
+            for piece in request.as_bytes().chunks(size) {
+                c.send(piece);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            answers.push(c.answer());
+        }
+        let created = if size == 1 { 201 } else { 200 };
+        assert_eq!(answers[0].status, created, "{size}: {}", answers[0].body);
+        assert_eq!(answers[1].status, 200, "{size}: {}", answers[1].body);
+        assert_eq!(value_of(&answers[1]), serde_json::json!(format!("w{size}")));
+    }
 }
 
 /// `request` answered by the loop, then (with a `Connection: keep-alive` header,
