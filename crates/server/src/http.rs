@@ -459,14 +459,15 @@ impl Done {
     /// Metrics, the failure and access log lines, and the response headers.
     fn finish(self, mut response: Response) -> Response {
         let status = response.status();
-        let elapsed = record(
+        let elapsed = self.started.elapsed();
+        record(
             &self.state,
             &self.id,
             method_label(&self.method),
             self.endpoint,
             status,
             response.extensions().get::<ServerSideError>(),
-            self.started,
+            elapsed,
         );
         if let Some((path, query)) = &self.detail {
             self.span.in_scope(|| {
@@ -490,8 +491,8 @@ impl Done {
 }
 
 /// The failure log line and the metrics of a request answered, however it was
-/// dispatched (through [`Observe`], or by the connection loop in `conn.rs`); returns
-/// how long it took.
+/// dispatched (through [`Observe`], or by the connection loop in `conn.rs`), which
+/// took `elapsed`.
 pub(crate) fn record(
     state: &AppState,
     id: &RequestId,
@@ -499,16 +500,14 @@ pub(crate) fn record(
     endpoint: &'static str,
     status: StatusCode,
     failure: Option<&ServerSideError>,
-    started: Instant,
-) -> std::time::Duration {
+    elapsed: std::time::Duration,
+) {
     if let Some(failure) = failure {
         tracing::error!(request_id = %id, method, endpoint, code = failure.code, error = %failure.detail, "request failed on the server side");
     }
-    let elapsed = started.elapsed();
     state
         .metrics
         .observe_request(endpoint, method, status.as_u16(), elapsed.as_secs_f64());
-    elapsed
 }
 
 pin_project_lite::pin_project! {

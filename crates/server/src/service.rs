@@ -240,6 +240,10 @@ impl Service {
 
     /// Refuses or slows a caller with too many recent token failures on `context`.
     async fn admit(&self, caller: &Caller, context: &str) -> Result<(), ApiError> {
+        // Most of the time no client has failed lately: no clock to read then.
+        if self.throttle.quiet() {
+            return Ok(());
+        }
         match self.throttle.check(caller.addr, context, now_ms()) {
             Verdict::Pass => Ok(()),
             Verdict::Slow(pause) => {
@@ -462,7 +466,8 @@ impl Service {
     async fn lookup(&self, key: &EntryKey, read: &str) -> Result<Lookup, ApiError> {
         let read = self.token(TokenRole::Read, read)?;
         let encoded = key.encode();
-        let now = now_ms();
+        // Only the idle policy needs the time.
+        let now = if self.idle.is_some() { now_ms() } else { 0 };
         let Some(mut kv) = self.store.get(&encoded).await? else {
             return Ok(Lookup::Absent);
         };

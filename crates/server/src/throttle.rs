@@ -70,10 +70,15 @@ impl Throttle {
         }
     }
 
+    /// True when no failure is tracked: every request passes.
+    pub fn quiet(&self) -> bool {
+        !self.tracking.load(Ordering::SeqCst)
+    }
+
     /// Judges a request of `addr` on `context` at `now_ms`.
     pub fn check(&self, addr: IpAddr, context: &str, now_ms: u64) -> Verdict {
         // The common case, no failures anywhere: no lookup key to build.
-        if !self.tracking.load(Ordering::SeqCst) {
+        if self.quiet() {
             return Verdict::Pass;
         }
         let Some(slot) = self.slots.get(&(addr, context.to_owned())).map(|s| *s) else {

@@ -24,13 +24,17 @@
 //! nothing to update on a hit, so hits take only the shard's read lock).
 //!
 //! An entry is one allocation (revisions, key and value together) behind a 16-byte
-//! slot of the shard's set, and it is counted as what the allocator hands out for
+//! slot of the shard's table, and it is counted as what the allocator hands out for
 //! it (see [`cost`]).
+//!
+//! A key is hashed once per lookup (keyed SipHash, as `std`'s maps, since keys are
+//! the clients' to choose): bits 32-39 of the hash pick the shard, and the shard's
+//! `hashbrown::HashTable` is searched with the same hash (it uses the low bits and
+//! the top seven, so a shard's entries do not share the bits its table indexes by).
 
 use crate::{CacheStats, KeyValue, Revision};
-use std::borrow::Borrow;
-use std::collections::HashSet;
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use hashbrown::HashTable;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -132,27 +136,6 @@ impl Cached {
     }
 }
 
-impl Borrow<[u8]> for Cached {
-    fn borrow(&self) -> &[u8] {
-        self.key()
-    }
-}
-
-// Hash and Eq agree with the key's, as `Borrow` requires.
-impl Hash for Cached {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.key().hash(state);
-    }
-}
-
-impl PartialEq for Cached {
-    fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
-    }
-}
-
-impl Eq for Cached {}
-
 /// Bytes counted for an entry of `len` bytes: what the allocator hands out for it
 /// (mimalloc's size classes: 8-byte steps up to 64 bytes, then four classes per
 /// doubling), plus [`OVERHEAD`].
@@ -169,7 +152,8 @@ fn cost(len: usize) -> usize {
 struct Shard {
     generation: u64,
     bytes: usize,
-    entries: HashSet<Cached>,
+    /// Each entry under the hash of its key.
+    entries: HashTable<Cached>,
     // Counted under the read lock; one pair per shard keeps readers of different
     // shards off each other's cache lines.
     hits: AtomicU64,
@@ -177,8 +161,13 @@ struct Shard {
 }
 
 impl Shard {
-    fn remove(&mut self, key: &[u8]) {
-        if let Some(old) = self.entries.take(key) {
+    fn find(&self, hash: u64, key: &[u8]) -> Option<&Cached> {
+        self.entries.find(hash, |c| c.key() == key)
+    }
+
+    fn remove(&mut self, hash: u64, key: &[u8]) {
+        if let Ok(found) = self.entries.find_entry(hash, |c| c.key() == key) {
+            let (old, _) = found.remove();
             self.bytes -= old.cost();
         }
     }
@@ -215,7 +204,7 @@ impl EntryCache {
                     RwLock::new(Shard {
                         generation: 0,
                         bytes: 0,
-                        entries: HashSet::new(),
+                        entries: HashTable::new(),
                         hits: AtomicU64::new(0),
                         misses: AtomicU64::new(0),
                     })
@@ -224,8 +213,13 @@ impl EntryCache {
         }
     }
 
-    fn shard_of(&self, key: &[u8]) -> usize {
-        (self.hasher.hash_one(key) % SHARDS as u64) as usize
+    fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// The shard of a key of this hash.
+    fn shard_of(hash: u64) -> usize {
+        (hash >> 32) as usize % SHARDS
     }
 
     fn enabled(&self) -> bool {
@@ -238,13 +232,14 @@ impl EntryCache {
         if !self.enabled() {
             return Err(None);
         }
-        let shard = self.shard_of(key);
+        let hash = self.hash(key);
+        let shard = Self::shard_of(hash);
         let s = self.shards[shard].read().unwrap_or_else(|p| p.into_inner());
         if s.generation % 2 == 1 {
             s.misses.fetch_add(1, Ordering::Relaxed);
             return Err(None);
         }
-        let found = s.entries.get(key);
+        let found = s.find(hash, key);
         let counter = if found.is_some() { &s.hits } else { &s.misses };
         counter.fetch_add(1, Ordering::Relaxed);
         match found {
@@ -265,20 +260,22 @@ impl EntryCache {
         if size > self.shard_budget {
             return;
         }
+        let hash = self.hash(&kv.key);
         let mut s = self.shards[ticket.shard]
             .write()
             .unwrap_or_else(|p| p.into_inner());
-        if s.generation != ticket.generation || s.entries.contains(kv.key.as_slice()) {
+        if s.generation != ticket.generation || s.find(hash, &kv.key).is_some() {
             return;
         }
         while s.bytes + size > self.shard_budget {
             let Some(victim) = s.entries.iter().next().map(|c| c.key().to_vec()) else {
                 break;
             };
-            s.remove(&victim);
+            s.remove(self.hash(&victim), &victim);
         }
         s.bytes += size;
-        s.entries.insert(entry);
+        s.entries
+            .insert_unique(hash, entry, |c| self.hasher.hash_one(c.key()));
     }
 
     /// What the cache holds and how often it answered.
@@ -303,12 +300,13 @@ impl EntryCache {
         }
         let mut touched = Touched::default();
         for key in keys {
-            let shard = self.shard_of(key);
+            let hash = self.hash(key);
+            let shard = Self::shard_of(hash);
             touched.insert(shard);
             self.shards[shard]
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
-                .remove(key);
+                .remove(hash, key);
         }
         for shard in touched.iter() {
             let mut s = self.shards[shard]
