@@ -126,7 +126,7 @@ pub(crate) async fn read_scope_answer(
         let q = Query::parse(raw)?;
         let key = entry_key(state, &q)?;
         let read = q.require("readToken")?;
-        state.service.read(caller, &key, read).await
+        state.service.read(caller, key, read).await
     }
     .await;
     match found.and_then(|entry| read_answer(entry.as_ref())) {

@@ -489,7 +489,7 @@ async fn answer(
                 let read = native::token_value(fast.headers.read_token, native::READ_TOKEN)?;
                 state
                     .service
-                    .read(&caller, &key, read)
+                    .read(&caller, key, read)
                     .await?
                     .ok_or(ApiError::NotFound)
             }

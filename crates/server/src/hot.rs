@@ -85,7 +85,7 @@ where
                 (Err(e), _) => Err(e),
                 (Ok(key), Method::GET) => {
                     match native::header_token(&parts.headers, native::READ_TOKEN) {
-                        Ok(read) => native::read_entry(&state, &caller, &key, read).await,
+                        Ok(read) => native::read_entry(&state, &caller, key, read).await,
                         Err(e) => Err(e),
                     }
                 }

@@ -132,6 +132,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         data_dir = %settings.data_dir.display(),
         "amphora listening"
     );
+    // Before the line that says the server is up: a signal sent as soon as it
+    // answers must shut it down gracefully, not kill it.
+    let signals = shutdown_signals()?;
     // A line for scripts and tests that start the server on port 0.
     println!("amphora listening on {scheme}://{addr}");
     std::io::stdout().flush().ok();
@@ -140,7 +143,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let app = http::app(state.clone());
     let shutdown_state = state.clone();
     serve::serve(listener, tls, state.clone(), app, async move {
-        shutdown_signal().await;
+        signals.await;
         shutdown_state.ready.store(false, Ordering::Release);
         // Watch streams never end by themselves: end them so that draining can.
         shutdown_state.watch.close();
@@ -199,22 +202,20 @@ fn read_admin_token(path: &std::path::Path) -> anyhow::Result<[u8; 32]> {
     Ok(sha2::Sha256::digest(token.as_bytes()).into())
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+/// Completes on SIGTERM or SIGINT. The handlers are installed when this is called,
+/// not when the future is first polled: the accept loop may not poll it before it
+/// has served its first clients, and until then a SIGTERM killed the process
+/// outright (the default action).
+fn shutdown_signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
         }
-    };
-    tokio::select! {
-        _ = term => {},
-        _ = tokio::signal::ctrl_c() => {},
-    }
+    })
 }
 
 /// Background maintenance: expired leases, old history, COMET idle expiry.

@@ -300,7 +300,7 @@ pub async fn get(
     EntryTarget { key, .. }: EntryTarget,
     ReadToken(read): ReadToken,
 ) -> Result<Response, ApiError> {
-    read_entry(&state, &caller, &key, &read).await
+    read_entry(&state, &caller, key, &read).await
 }
 
 /// The answer to `GET /v1/kv/{context}/{family}/{key}`, wherever the request was
@@ -308,7 +308,7 @@ pub async fn get(
 pub(crate) async fn read_entry(
     state: &Shared,
     caller: &Caller,
-    key: &EntryKey,
+    key: EntryKey,
     read: &str,
 ) -> Result<Response, ApiError> {
     let entry = state

@@ -81,9 +81,31 @@ impl<'a> Names<'a> {
 
 /// What a read found.
 enum Lookup {
-    Found(Entry),
+    Found(Found),
     Absent,
     WrongToken,
+}
+
+/// An entry read, without its names (the reader has them).
+struct Found {
+    value: String,
+    revision: Revision,
+    created_at_ms: u64,
+    updated_at_ms: u64,
+    expires_at_ms: Option<u64>,
+}
+
+impl Found {
+    fn named(self, key: EntryKey) -> Entry {
+        Entry {
+            key,
+            value: self.value,
+            revision: self.revision,
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+            expires_at_ms: self.expires_at_ms,
+        }
+    }
 }
 
 /// Server statistics for administrators.
@@ -408,14 +430,13 @@ impl Service {
         }
     }
 
-    async fn entry(&self, key: EntryKey, kv: &KeyValue, record: Record) -> Result<Entry, ApiError> {
+    async fn found(&self, kv: &KeyValue, record: Record) -> Result<Found, ApiError> {
         let expires_at_ms = match (kv.lease, kv.lease_expires_at_ms) {
             (None, _) => None,
             (Some(_), Some(at)) => Some(at),
             (Some(id), None) => self.store.lease(id).await?.map(|l| l.expires_at_ms),
         };
-        Ok(Entry {
-            key,
+        Ok(Found {
             value: record.value,
             revision: kv.mod_revision,
             created_at_ms: record.created_at_ms,
@@ -437,14 +458,15 @@ impl Service {
     }
 
     /// Reads an entry; `None` when it does not exist or the read token is not its own.
+    /// The entry found takes `key` for its names.
     pub async fn read(
         &self,
         caller: &Caller,
-        key: &EntryKey,
+        key: EntryKey,
         read: &str,
     ) -> Result<Option<Entry>, ApiError> {
         let result = match self.admit(caller, &key.context).await {
-            Ok(()) => self.lookup(key, read).await,
+            Ok(()) => self.lookup(&key, read).await,
             Err(e) => Err(e),
         };
         let (result, outcome) = match result {
@@ -459,8 +481,9 @@ impl Service {
                 (Err(e), code)
             }
         };
-        self.audit(caller, "read", Names::entry(key), outcome).await;
-        result
+        self.audit(caller, "read", Names::entry(&key), outcome)
+            .await;
+        result.map(|found| found.map(|f| f.named(key)))
     }
 
     async fn lookup(&self, key: &EntryKey, read: &str) -> Result<Lookup, ApiError> {
@@ -480,9 +503,7 @@ impl Service {
             return Ok(Lookup::WrongToken);
         }
         self.touch(&encoded, now);
-        self.entry(key.clone(), &kv, record)
-            .await
-            .map(Lookup::Found)
+        self.found(&kv, record).await.map(Lookup::Found)
     }
 
     /// Creates or modifies an entry. Creating needs both tokens (and a trusted client
@@ -804,7 +825,9 @@ impl Service {
                 }
                 self.touch(&kv.key, now);
                 let key = EntryKey::decode(&kv.key).map_err(corrupted)?;
-                listing.entries.push(self.entry(key, kv, record).await?);
+                listing
+                    .entries
+                    .push(self.found(kv, record).await?.named(key));
             }
             if !page.more {
                 return Ok(listing);
