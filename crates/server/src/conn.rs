@@ -112,7 +112,7 @@ pub async fn serve_connection<I, A>(
     // The loop's buffers and timer end with it: a connection handed to hyper (a
     // watch stream can last days) keeps none of them.
     if let Some(unanswered) = answer_plain(&mut io, &cx.state, &cx.peer, stop.as_mut()).await {
-        hand_over(Rewind::new(io, unanswered), cx, stop).await;
+        hand_over(Rewind::new(WriteDeadline::new(io), unanswered), cx, stop).await;
     }
 }
 
@@ -639,6 +639,90 @@ fn write_date(out: &mut Vec<u8>) {
     out.extend_from_slice(&text);
 }
 
+/// A stream whose writes must make progress within [`WRITE_TIMEOUT`], for the
+/// connections hyper serves (it has no write timeout): a client that stops reading
+/// a watch stream or a large answer is disconnected, instead of holding the
+/// connection, and what is queued for it, for ever. The timer exists only while a
+/// write waits.
+struct WriteDeadline<I> {
+    inner: I,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> WriteDeadline<I> {
+    fn new(inner: I) -> Self {
+        WriteDeadline {
+            inner,
+            stalled: None,
+        }
+    }
+
+    /// What a write that returned `poll` means under the deadline.
+    fn judge<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_TIMEOUT)));
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client read nothing for too long",
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for WriteDeadline<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.judge(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.judge(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.judge(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// A stream read from `prefix` first: the bytes this loop read and did not answer.
 struct Rewind<I> {
     prefix: Bytes,
@@ -730,6 +814,33 @@ mod tests {
         // What the pipe holds goes at once.
         let (mut server, _client) = tokio::io::duplex(64);
         assert_eq!(send_all(&mut server, &[7; 64]).await.unwrap(), Sent::AtOnce);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hyper_connections_whose_client_stops_reading_time_out() {
+        let (server, mut client) = tokio::io::duplex(64);
+        let mut io = WriteDeadline::new(server);
+        // Progress within the timeout, however slow, keeps the connection.
+        let writer = tokio::spawn(async move {
+            io.write_all(&[1; 256]).await?;
+            io.write_all(&[2; 256]).await?;
+            Ok::<_, std::io::Error>(io)
+        });
+        let mut got = [0; 256];
+        for _ in 0..2 {
+            tokio::time::sleep(WRITE_TIMEOUT - Duration::from_secs(1)).await;
+            client.read_exact(&mut got).await.unwrap();
+        }
+        assert_eq!(got, [2; 256]);
+        let mut io = writer.await.unwrap().unwrap();
+        // None: the write fails after the timeout.
+        let started = Instant::now();
+        let err = tokio::time::timeout(2 * WRITE_TIMEOUT, io.write_all(&[3; 256]))
+            .await
+            .expect("the write ends by itself")
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), WRITE_TIMEOUT);
     }
 
     #[test]

@@ -12,8 +12,10 @@
 //! A new stream registers first, then reads the store's revision (the head), replays
 //! the history from the requested revision up to the head, and then forwards live
 //! changes above the head: nothing falls between the two. Each watcher has a bounded
-//! queue; one whose client reads too slowly to keep up is ended with a `lagged` event
-//! and catches up from the history when it reconnects with `Last-Event-ID`.
+//! queue (1024 changes, and 8 MiB of frames: a slow reader must not hold a thousand
+//! large values); one whose client reads too slowly to keep up is ended with a
+//! `lagged` event and catches up from the history when it reconnects with
+//! `Last-Event-ID`.
 //!
 //! Invariant: the dispatcher delivers every change exactly once and in revision
 //! order; when the store's broadcast drops changes (the dispatcher fell behind), it
@@ -33,7 +35,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
@@ -41,6 +43,9 @@ use tokio::sync::mpsc::{self, error::TrySendError};
 
 /// Changes a watcher may have queued before it counts as lagging.
 const QUEUE: usize = 1024;
+/// Bytes of frames a watcher may have queued before it counts as lagging (a larger
+/// frame still goes to an empty queue).
+const QUEUE_BYTES: usize = 8 << 20;
 /// Changes read from the history per step when catching up.
 const REPLAY_PAGE: usize = 256;
 /// How often a quiet stream sends a comment, so that dead connections are noticed
@@ -71,6 +76,35 @@ struct Slot {
     read: TokenHash,
     tx: mpsc::Sender<Arc<Change>>,
     lagged: Arc<AtomicBool>,
+    /// Bytes of frames in the queue.
+    queued: Arc<AtomicUsize>,
+}
+
+impl Slot {
+    /// Queues `change`; false when the watcher is gone or lags (its queue holds
+    /// [`QUEUE`] changes, or would hold more than [`QUEUE_BYTES`]).
+    fn send(&self, change: &Arc<Change>) -> bool {
+        let len = change.frame.len();
+        // Counted before it is sent: the receiver takes it off only after.
+        let queued = self.queued.fetch_add(len, Ordering::AcqRel);
+        let refused = if queued > 0 && queued + len > QUEUE_BYTES {
+            Some(true)
+        } else {
+            match self.tx.try_send(change.clone()) {
+                Ok(()) => None,
+                Err(TrySendError::Full(_)) => Some(true),
+                Err(TrySendError::Closed(_)) => Some(false),
+            }
+        };
+        let Some(lagging) = refused else {
+            return true;
+        };
+        self.queued.fetch_sub(len, Ordering::AcqRel);
+        if lagging {
+            self.lagged.store(true, Ordering::Release);
+        }
+        false
+    }
 }
 
 #[derive(Default)]
@@ -98,6 +132,23 @@ struct Subscription {
     client: IpAddr,
     rx: mpsc::Receiver<Arc<Change>>,
     lagged: Arc<AtomicBool>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Subscription {
+    /// The next queued change; `None` once the queue is empty and closed.
+    async fn recv(&mut self) -> Option<Arc<Change>> {
+        let change = self.rx.recv().await?;
+        self.queued.fetch_sub(change.frame.len(), Ordering::AcqRel);
+        Some(change)
+    }
+
+    /// The next queued change, if one is there now.
+    fn try_recv(&mut self) -> Option<Arc<Change>> {
+        let change = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(change.frame.len(), Ordering::AcqRel);
+        Some(change)
+    }
 }
 
 impl Drop for Subscription {
@@ -264,10 +315,12 @@ impl WatchHub {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(QUEUE);
         let lagged = Arc::new(AtomicBool::new(false));
+        let queued = Arc::new(AtomicUsize::new(0));
         let slot = Slot {
             read,
             tx,
             lagged: lagged.clone(),
+            queued: queued.clone(),
         };
         r.by_prefix
             .entry(prefix.clone())
@@ -281,6 +334,7 @@ impl WatchHub {
             client,
             rx,
             lagged,
+            queued,
         })
     }
 
@@ -322,13 +376,10 @@ impl WatchHub {
                     if !slot.read.matches(&change.read) {
                         continue;
                     }
-                    match slot.tx.try_send(change.clone()) {
-                        Ok(()) => sent += 1,
-                        Err(TrySendError::Full(_)) => {
-                            slot.lagged.store(true, Ordering::Release);
-                            dropped.push((prefix, *id));
-                        }
-                        Err(TrySendError::Closed(_)) => dropped.push((prefix, *id)),
+                    if slot.send(&change) {
+                        sent += 1;
+                    } else {
+                        dropped.push((prefix, *id));
                     }
                 }
             }
@@ -504,7 +555,7 @@ impl Stream {
     async fn live(&mut self) -> Option<Bytes> {
         loop {
             tokio::select! {
-                change = self.sub.rx.recv() => match change {
+                change = self.sub.recv() => match change {
                     Some(change) if change.revision <= self.floor => continue,
                     Some(change) => return Some(self.with_queued(change)),
                     None => {
@@ -530,7 +581,7 @@ impl Stream {
     /// it: a client that fell a little behind catches up in one write, not many.
     fn with_queued(&mut self, first: Arc<Change>) -> Bytes {
         self.last_sent = first.revision;
-        let Ok(second) = self.sub.rx.try_recv() else {
+        let Some(second) = self.sub.try_recv() else {
             return first.frame.clone();
         };
         let mut joined = Vec::with_capacity(first.frame.len() * 4);
@@ -544,7 +595,7 @@ impl Stream {
             }
             n += 1;
             next = if n < MAX_JOINED {
-                self.sub.rx.try_recv().ok()
+                self.sub.try_recv()
             } else {
                 None
             };
@@ -651,48 +702,34 @@ mod tests {
         assert_eq!(prefix_ends(b"other\0x"), None);
     }
 
-    #[tokio::test]
-    async fn a_watcher_that_falls_behind_is_dropped_and_others_get_everything() {
-        use amphora_model::TokenHasher;
-        use amphora_store::redb::{RedbOptions, RedbStore};
-        use amphora_store::{Condition, Put};
+    use amphora_store::redb::{RedbOptions, RedbStore};
+
+    /// A hub over a fresh store, and the read token of the entries `put_values` writes.
+    fn hub() -> (tempfile::TempDir, Arc<dyn Store>, Arc<WatchHub>, TokenHash) {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
             Arc::new(RedbStore::open(&dir.path().join("db"), RedbOptions::default()).unwrap());
-        let metrics = Arc::new(Metrics::new());
         let limits = WatchLimits {
             max_watchers: 10,
             per_client: 10,
         };
-        let hub = WatchHub::start(store.clone(), limits, metrics.clone());
-        let read = TokenHasher::new(&[7; 32]).hash("ReadToken1");
-        let client = IpAddr::from([127, 0, 0, 1]);
-        let prefix = family_prefix("c", "f");
-        let mut slow = hub.subscribe(prefix.clone(), read, client).unwrap();
-        let mut fast = hub.subscribe(prefix, read, client).unwrap();
-        let total = QUEUE + 100;
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            while got.len() < total {
-                got.push(
-                    fast.rx
-                        .recv()
-                        .await
-                        .expect("the fast watcher stays")
-                        .revision,
-                );
-            }
-            got
-        });
+        let hub = WatchHub::start(store.clone(), limits, Arc::new(Metrics::new()));
+        let read = amphora_model::TokenHasher::new(&[7; 32]).hash("ReadToken1");
+        (dir, store, hub, read)
+    }
+
+    /// Writes `n` entries of family `c/f`, each of `value` (JSON text).
+    async fn put_values(store: &Arc<dyn Store>, read: TokenHash, n: usize, value: &str) {
+        use amphora_store::{Condition, Put};
         let record = Record {
             created_at_ms: 1,
             updated_at_ms: 1,
             read_hash: read,
             write_hash: read,
-            value: "1".into(),
+            value: value.into(),
         }
         .encode();
-        for i in 0..total {
+        for i in 0..n {
             let put = Put::new(
                 EntryKey::new("c", "f", format!("k{i}")).encode(),
                 record.clone(),
@@ -700,19 +737,74 @@ mod tests {
             );
             store.put(put).await.unwrap();
         }
+    }
+
+    /// Reads `total` changes from `fast` on a task of its own; the revisions read.
+    fn read_all(mut fast: Subscription, total: usize) -> tokio::task::JoinHandle<Vec<Revision>> {
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            while got.len() < total {
+                got.push(fast.recv().await.expect("the fast watcher stays").revision);
+            }
+            got
+        })
+    }
+
+    /// What a watcher that never read holds: its changes and their frames' bytes.
+    async fn drain(slow: &mut Subscription) -> (usize, usize) {
+        let (mut changes, mut bytes) = (0, 0);
+        while let Some(change) = slow.recv().await {
+            changes += 1;
+            bytes += change.frame.len();
+        }
+        (changes, bytes)
+    }
+
+    #[tokio::test]
+    async fn a_watcher_that_falls_behind_is_dropped_and_others_get_everything() {
+        let (_dir, store, hub, read) = hub();
+        let client = IpAddr::from([127, 0, 0, 1]);
+        let prefix = family_prefix("c", "f");
+        let mut slow = hub.subscribe(prefix.clone(), read, client).unwrap();
+        let fast = hub.subscribe(prefix, read, client).unwrap();
+        let total = QUEUE + 100;
+        let reader = read_all(fast, total);
+        put_values(&store, read, total, "1").await;
         let got = reader.await.unwrap();
         assert_eq!(got, (1..=total as u64).collect::<Vec<_>>());
         // The slow one got the first QUEUE changes, then its stream was closed.
-        let mut queued = 0;
-        while slow.rx.recv().await.is_some() {
-            queued += 1;
-        }
-        assert_eq!(queued, QUEUE);
+        assert_eq!(drain(&mut slow).await.0, QUEUE);
         assert!(slow.lagged.load(Ordering::Acquire));
         // The fast one ended with its reader task; unregistering counts down.
         assert_eq!(hub.registry.read().unwrap().total, 1);
         drop(slow);
         assert_eq!(hub.registry.read().unwrap().total, 0);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_watcher_lags_when_its_queue_holds_too_many_bytes() {
+        let (_dir, store, hub, read) = hub();
+        let client = IpAddr::from([127, 0, 0, 1]);
+        let prefix = family_prefix("c", "f");
+        let mut slow = hub.subscribe(prefix.clone(), read, client).unwrap();
+        let fast = hub.subscribe(prefix, read, client).unwrap();
+        // 200 values of 100 KB: 20 MB of frames, far fewer than QUEUE changes.
+        let (total, value) = (200, format!("\"{}\"", "x".repeat(100_000)));
+        let reader = read_all(fast, total);
+        put_values(&store, read, total, &value).await;
+        assert_eq!(reader.await.unwrap().len(), total);
+        // Every change has been dispatched: the slow one lags (its stream is closed).
+        assert!(slow.lagged.load(Ordering::Acquire));
+        let (changes, bytes) = drain(&mut slow).await;
+        assert!(bytes <= QUEUE_BYTES, "{bytes} bytes queued");
+        assert!(
+            changes >= QUEUE_BYTES / 100_100 && changes < total,
+            "{changes}"
+        );
+        // Every byte counted in was counted out.
+        assert_eq!(slow.queued.load(Ordering::Acquire), 0);
+        drop(slow);
         store.close().await.unwrap();
     }
 
