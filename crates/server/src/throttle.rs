@@ -3,10 +3,17 @@
 //!
 //! Counting per (address, context) keeps an attacker's failures from locking out
 //! other clients, and other contexts for the same client.
+//!
+//! The map is bounded in work and memory: past [`SOFT_SLOTS`] pairs, a failure
+//! drops the stale ones, at most once a second (a scan per failure would let a
+//! client that fails on many contexts make every failure cost a scan of the map);
+//! past [`HARD_SLOTS`], a failure on a pair not yet tracked counts against the
+//! client address on every context, so that flooding the map with pairs does not
+//! buy untracked guesses.
 
 use dashmap::DashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The throttle's settings.
@@ -55,18 +62,39 @@ pub struct Throttle {
     /// False only while `slots` is empty: lets `check` skip the map, whose
     /// `is_empty` takes every shard's lock, when no client has failed lately.
     tracking: AtomicBool,
+    /// True when some address is tracked on every context ([`ANY_CONTEXT`]).
+    wide: AtomicBool,
+    /// When a failure last dropped the stale pairs.
+    pruned_ms: AtomicU64,
+    /// [`SOFT_SLOTS`] and [`HARD_SLOTS`] (smaller in tests).
+    soft_slots: usize,
+    hard_slots: usize,
 }
 
-/// Beyond this many tracked pairs, stale ones are dropped at once.
-const MAX_SLOTS: usize = 100_000;
+/// Beyond this many tracked pairs, a failure drops the stale ones, at most once a
+/// second.
+const SOFT_SLOTS: usize = 100_000;
+/// Beyond this many, a failure on a new pair counts against its address on every
+/// context.
+const HARD_SLOTS: usize = 200_000;
+/// The context of an address's slot for every context (no context is named so).
+const ANY_CONTEXT: &str = "";
 
 impl Throttle {
     /// A throttle with these settings.
     pub fn new(settings: ThrottleSettings) -> Self {
+        Self::with_bounds(settings, SOFT_SLOTS, HARD_SLOTS)
+    }
+
+    fn with_bounds(settings: ThrottleSettings, soft_slots: usize, hard_slots: usize) -> Self {
         Throttle {
             settings,
             slots: DashMap::new(),
             tracking: AtomicBool::new(false),
+            wide: AtomicBool::new(false),
+            pruned_ms: AtomicU64::new(0),
+            soft_slots,
+            hard_slots,
         }
     }
 
@@ -81,6 +109,16 @@ impl Throttle {
         if self.quiet() {
             return Verdict::Pass;
         }
+        match self.judge(addr, context, now_ms) {
+            Verdict::Pass if self.wide.load(Ordering::SeqCst) => {
+                self.judge(addr, ANY_CONTEXT, now_ms)
+            }
+            verdict => verdict,
+        }
+    }
+
+    /// The verdict of the slot of `addr` on `context` alone.
+    fn judge(&self, addr: IpAddr, context: &str, now_ms: u64) -> Verdict {
         let Some(slot) = self.slots.get(&(addr, context.to_owned())).map(|s| *s) else {
             return Verdict::Pass;
         };
@@ -100,11 +138,25 @@ impl Throttle {
 
     /// Counts one token failure; answers true when it blocked the pair.
     pub fn fail(&self, addr: IpAddr, context: &str, now_ms: u64) -> bool {
-        if self.slots.len() >= MAX_SLOTS {
-            self.prune(now_ms);
+        let mut key = (addr, context.to_owned());
+        let tracked = self.slots.len();
+        if tracked >= self.soft_slots {
+            let last = self.pruned_ms.load(Ordering::SeqCst);
+            if now_ms >= last.saturating_add(1000)
+                && self
+                    .pruned_ms
+                    .compare_exchange(last, now_ms, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
+                self.prune(now_ms);
+            }
+            if self.slots.len() >= self.hard_slots && !self.slots.contains_key(&key) {
+                key.1 = ANY_CONTEXT.to_owned();
+            }
         }
+        let wide = key.1 == ANY_CONTEXT;
         let window = self.settings.window.as_millis() as u64;
-        let mut slot = self.slots.entry((addr, context.to_owned())).or_default();
+        let mut slot = self.slots.entry(key).or_default();
         if now_ms.saturating_sub(slot.first_ms) > window {
             slot.failures = 0;
             slot.first_ms = now_ms;
@@ -120,14 +172,24 @@ impl Throttle {
         // After the slot is in the map: `prune` clears the flag only when it finds
         // the map empty after clearing it, so the flag is never left false beside a slot.
         self.tracking.store(true, Ordering::SeqCst);
+        if wide {
+            self.wide.store(true, Ordering::SeqCst);
+        }
         blocked
     }
 
     /// Forgets pairs that are neither blocked nor within their window.
     pub fn prune(&self, now_ms: u64) {
         let window = self.settings.window.as_millis() as u64;
-        self.slots.retain(|_, s| {
-            s.blocked_until_ms > now_ms || now_ms.saturating_sub(s.first_ms) <= window
+        // Cleared first, set again for each address-wide slot kept: a `fail` that adds
+        // one meanwhile sets it after adding it.
+        self.wide.store(false, Ordering::SeqCst);
+        self.slots.retain(|(_, context), s| {
+            let keep = s.blocked_until_ms > now_ms || now_ms.saturating_sub(s.first_ms) <= window;
+            if keep && context == ANY_CONTEXT {
+                self.wide.store(true, Ordering::SeqCst);
+            }
+            keep
         });
         if self.slots.is_empty() {
             self.tracking.store(false, Ordering::SeqCst);
@@ -181,5 +243,54 @@ mod tests {
             t.check(a, "c", 20_003),
             Verdict::Slow(Duration::from_millis(200))
         );
+    }
+
+    #[test]
+    fn a_full_map_is_pruned_once_a_second_then_counts_per_address() {
+        let settings = ThrottleSettings {
+            max_failures: 4,
+            window: Duration::from_secs(10),
+            block: Duration::from_secs(5),
+        };
+        let t = Throttle::with_bounds(settings, 100, 200);
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        // 100 stale pairs: the next failure past the window drops them.
+        for i in 0..100 {
+            t.fail(a, &format!("old{i}"), 0);
+        }
+        t.fail(a, "c0", 20_000);
+        assert_eq!(t.slots.len(), 1);
+        // Within a second of that, a full map is not scanned again, stale pairs
+        // or not.
+        for i in 0..99 {
+            t.fail(a, &format!("old{i}"), 0);
+        }
+        t.fail(b, "x", 20_500);
+        t.fail(b, "y", 20_900);
+        assert_eq!(t.slots.len(), 102);
+        // After it, it is: all of them are stale by then.
+        t.fail(b, "z", 31_000);
+        assert_eq!(t.slots.len(), 1);
+        // 200 live pairs: a failure on a new one counts against the address.
+        for i in 0..199 {
+            t.fail(a, &format!("live{i}"), 31_000);
+        }
+        assert_eq!(t.slots.len(), 200);
+        assert_eq!(t.check(a, "fresh0", 31_100), Verdict::Pass);
+        for i in 0..4 {
+            t.fail(a, &format!("fresh{i}"), 31_100);
+        }
+        assert_eq!(t.slots.len(), 201);
+        assert_eq!(t.check(a, "fresh9", 31_200), Verdict::Refuse(5));
+        assert_eq!(t.check(a, "live0", 31_200), Verdict::Refuse(5));
+        // Other addresses are not affected, and tracked pairs count as before.
+        assert_eq!(t.check(b, "fresh9", 31_200), Verdict::Pass);
+        t.fail(b, "z", 31_200);
+        assert_eq!(t.slots.get(&(b, "z".to_owned())).unwrap().failures, 2);
+        // When the address-wide slot goes stale, the flag goes with it.
+        t.prune(100_000);
+        assert!(!t.wide.load(Ordering::SeqCst));
+        assert_eq!(t.check(a, "fresh9", 100_000), Verdict::Pass);
     }
 }
