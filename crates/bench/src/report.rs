@@ -121,7 +121,8 @@ pub fn markdown(r: &Results) -> String {
          Amphora, Redis `always`, Redis `everysec`, etcd, so that the bare server's gets come \
          about a minute before Amphora's and Redis `always` a few minutes after it (a shared \
          host's speed drifts by the minute); then those two pairs again, in alternating rounds \
-         (below).\n",
+         (below). Steal % is the CPU time the host took from this machine during a \
+         measurement (`/proc/stat`), in % of one core.\n",
         s["clients"],
         s["duration_s"],
         s.get("warmup_s").cloned().unwrap_or(serde_json::json!(0)),
@@ -152,13 +153,13 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(o, "## Results\n");
     let _ = writeln!(
         o,
-        "| workload | system | mode | req/s | p50 ms | p99 ms | p99.9 ms | server RSS MB | server CPU % | errors |"
+        "| workload | system | mode | req/s | p50 ms | p99 ms | p99.9 ms | server RSS MB | server CPU % | steal % | errors |"
     );
-    let _ = writeln!(o, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(o, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for row in &r.rows {
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0} | {} |",
+            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0} | {:.0} | {} |",
             row.workload,
             row.target.label(),
             row.mode,
@@ -168,6 +169,7 @@ pub fn markdown(r: &Results) -> String {
             row.p999_ms,
             row.rss_mb,
             row.cpu_pct,
+            row.steal_pct,
             row.errors
         );
     }
@@ -300,24 +302,28 @@ pub fn markdown(r: &Results) -> String {
             "\n## Alternating rounds\n\nThe two goals whose systems the main pass measures \
              minutes apart, again with both systems running side by side and measured in turn \
              (the peer first in odd rounds, Amphora first in even ones), each after the same \
-             warm-up as above. Their goals below take the median of the rounds' ratios.\n"
+             warm-up as above. Their goals below take the median of the rounds' ratios. \
+             Steal is the CPU time the host took from this machine during each measurement \
+             (% of one core): other tenants' load, which slows whichever system it falls on.\n"
         );
         let _ = writeln!(
             o,
-            "| workload | round | Amphora native req/s | p99 ms | peer | peer req/s | p99 ms | ratio |"
+            "| workload | round | Amphora native req/s | p99 ms | steal % | peer | peer req/s | p99 ms | steal % | ratio |"
         );
-        let _ = writeln!(o, "|---|---:|---:|---:|---|---:|---:|---:|");
+        let _ = writeln!(o, "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|");
         for x in &r.rounds {
             let _ = writeln!(
                 o,
-                "| {} | {} | {:.0} | {:.2} | {} | {:.0} | {:.2} | {} |",
+                "| {} | {} | {:.0} | {:.2} | {:.0} | {} | {:.0} | {:.2} | {:.0} | {} |",
                 x.workload,
                 x.round,
                 x.amphora.rps,
                 x.amphora.p99_ms,
+                x.amphora.steal_pct,
                 x.peer.target.label(),
                 x.peer.rps,
                 x.peer.p99_ms,
+                x.peer.steal_pct,
                 fmt_ratio(round_ratio(x)),
             );
         }
@@ -400,6 +406,7 @@ mod tests {
             rss_mb: 1.0,
             peak_rss_mb: 1.0,
             cpu_pct: 1.0,
+            steal_pct: 0.0,
         }
     }
 
@@ -445,7 +452,9 @@ mod tests {
         );
         assert!(report.contains("## Alternating rounds"), "{report}");
         assert!(
-            report.contains("| get | 2 | 65 | 2.00 | bare HTTP (ceiling) | 100 | 2.00 | 0.65× |"),
+            report.contains(
+                "| get | 2 | 65 | 2.00 | 0 | bare HTTP (ceiling) | 100 | 2.00 | 0 | 0.65× |"
+            ),
             "{report}"
         );
     }

@@ -65,6 +65,20 @@ impl Drop for Server {
     }
 }
 
+/// CPU time the hypervisor took from this machine's CPUs so far (the `steal`
+/// column of `/proc/stat`): on a shared host, what other tenants' load costs a run.
+pub fn stolen() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    // "cpu  user nice system idle iowait irq softirq steal ...": all CPUs together.
+    let steal = stat
+        .lines()
+        .next()
+        .and_then(|line| line.split_whitespace().nth(8))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    Duration::from_secs_f64(steal as f64 / clock_ticks() as f64)
+}
+
 fn clock_ticks() -> u64 {
     static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *TICKS.get_or_init(|| {

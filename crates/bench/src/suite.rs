@@ -115,6 +115,9 @@ pub struct Row {
     pub peak_rss_mb: f64,
     /// Server CPU during the run, % of one core.
     pub cpu_pct: f64,
+    /// CPU the host took from the machine during the run (steal), % of one core.
+    #[serde(default)]
+    pub steal_pct: f64,
 }
 
 /// What the client side of one measurement saw.
@@ -135,7 +138,7 @@ impl Row {
         clients: usize,
         o: Outcome<'_>,
         server: &Server,
-        cpu: Duration,
+        (cpu, steal): (Duration, Duration),
     ) -> Row {
         let (rss, peak) = server.rss();
         let secs = o.elapsed.as_secs_f64().max(1e-9);
@@ -155,13 +158,14 @@ impl Row {
             rss_mb: rss as f64 / 1e6,
             peak_rss_mb: peak as f64 / 1e6,
             cpu_pct: cpu.as_secs_f64() / secs * 100.0,
+            steal_pct: steal.as_secs_f64() / secs * 100.0,
         }
     }
 
     /// One line on stderr while the suite runs.
     fn print(&self, unit: &str) {
         eprintln!(
-            "{:<22} {:<26} {:>10.0} {unit}  p50 {:>7.2} ms  p99 {:>7.2} ms  rss {:>7.1} MB  cpu {:>4.0}%  errors {}",
+            "{:<22} {:<26} {:>10.0} {unit}  p50 {:>7.2} ms  p99 {:>7.2} ms  rss {:>7.1} MB  cpu {:>4.0}%  steal {:>3.0}%  errors {}",
             self.workload,
             self.target.label(),
             self.rps,
@@ -169,6 +173,7 @@ impl Row {
             self.p99_ms,
             self.rss_mb,
             self.cpu_pct,
+            self.steal_pct,
             self.errors
         );
         if let Some(e) = &self.first_error {
@@ -258,9 +263,9 @@ async fn measure(
     mode: Mode,
 ) -> anyhow::Result<f64> {
     let c = conns(t, clients).await?;
-    let cpu_before = server.cpu();
+    let (cpu_before, steal_before) = (server.cpu(), servers::stolen());
     let m = workload::run(c, workload, t.shape, FAMILIES, amount, mode).await;
-    let cpu = server.cpu() - cpu_before;
+    let cpu = (server.cpu() - cpu_before, servers::stolen() - steal_before);
     let mode = match mode {
         Mode::Closed => "closed".into(),
         Mode::Open(r) => format!("open at {r:.0} req/s"),
@@ -286,7 +291,7 @@ async fn measure_watch(
     t: &Target,
     a: &SuiteArgs,
 ) -> anyhow::Result<()> {
-    let cpu_before = server.cpu();
+    let (cpu_before, steal_before) = (server.cpu(), servers::stolen());
     let spec = crate::watch::Spec {
         watchers: a.watchers,
         events: a.watch_events,
@@ -298,7 +303,7 @@ async fn measure_watch(
         Kind::EtcdGrpc => crate::watch::fan_out_etcd(&t.addr, spec).await?,
         _ => crate::watch::fan_out(&t.addr, spec).await?,
     };
-    let cpu = server.cpu() - cpu_before;
+    let cpu = (server.cpu() - cpu_before, servers::stolen() - steal_before);
     let mode = format!(
         "{} watchers, {} puts at {} /s",
         a.watchers, a.watch_events, a.watch_rate
