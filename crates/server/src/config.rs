@@ -88,6 +88,11 @@ pub struct ServeOptions {
     #[arg(long, env = "AMPHORA_MAX_WATCHERS_PER_CLIENT", value_name = "N")]
     pub max_watchers_per_client: Option<usize>,
 
+    /// The most client connections open at once; more are answered 503 and closed
+    /// [default: 100000].
+    #[arg(long, env = "AMPHORA_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
     /// Log format: text or json [default: text].
     #[arg(long, env = "AMPHORA_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -200,6 +205,8 @@ pub struct Settings {
     pub max_watchers: usize,
     /// Watch streams per client address.
     pub max_watchers_per_client: usize,
+    /// Client connections open at once.
+    pub max_connections: usize,
     /// Store page cache, bytes.
     pub store_cache_bytes: usize,
     /// Entry cache, bytes.
@@ -270,6 +277,7 @@ impl ServeOptions {
             max_watchers_per_client: self
                 .max_watchers_per_client
                 .or(lower.max_watchers_per_client),
+            max_connections: self.max_connections.or(lower.max_connections),
             store_cache_bytes: self.store_cache_bytes.or(lower.store_cache_bytes),
             entry_cache_bytes: self.entry_cache_bytes.or(lower.entry_cache_bytes),
             checkpoint_interval: self.checkpoint_interval.or(lower.checkpoint_interval),
@@ -340,6 +348,7 @@ impl ServeOptions {
             max_enumerate: o.max_enumerate.unwrap_or(100_000),
             max_watchers: o.max_watchers.unwrap_or(65_536).max(1),
             max_watchers_per_client: o.max_watchers_per_client.unwrap_or(1024).max(1),
+            max_connections: o.max_connections.unwrap_or(100_000).max(1),
             store_cache_bytes: o.store_cache_bytes.unwrap_or(store.cache_bytes),
             entry_cache_bytes: o.entry_cache_bytes.unwrap_or(store.entry_cache_bytes),
             checkpoint_interval: o.checkpoint_interval.unwrap_or(store.checkpoint_interval),
@@ -401,6 +410,7 @@ mod tests {
         );
         assert_eq!(s.checkpoint_interval, Duration::from_millis(20));
         assert_eq!(s.checkpoint_sync_interval, Duration::from_secs(2));
+        assert_eq!(s.max_connections, 100_000);
     }
 
     #[test]

@@ -142,13 +142,21 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let sweeper = tokio::spawn(sweep_loop(state.clone(), settings.clone()));
     let app = http::app(state.clone());
     let shutdown_state = state.clone();
-    serve::serve(listener, tls, state.clone(), app, async move {
-        signals.await;
-        shutdown_state.ready.store(false, Ordering::Release);
-        // Watch streams never end by themselves: end them so that draining can.
-        shutdown_state.watch.close();
-        tracing::info!("shutting down: finishing requests in flight");
-    })
+    let max_connections = settings.max_connections;
+    serve::serve(
+        listener,
+        tls,
+        state.clone(),
+        app,
+        max_connections,
+        async move {
+            signals.await;
+            shutdown_state.ready.store(false, Ordering::Release);
+            // Watch streams never end by themselves: end them so that draining can.
+            shutdown_state.watch.close();
+            tracing::info!("shutting down: finishing requests in flight");
+        },
+    )
     .await;
     sweeper.abort();
     let _ = sweeper.await;

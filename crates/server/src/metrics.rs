@@ -124,6 +124,8 @@ pub struct Metrics {
     token_failures: Counter,
     throttled: Counter,
     watchers: Gauge,
+    connections: Gauge,
+    connections_refused: Counter,
     watch_events: Counter,
     watch_lagged: Counter,
     cache_hits: Counter,
@@ -228,6 +230,18 @@ impl Metrics {
         );
         let watchers = Gauge::default();
         registry.register("watchers", "Watch streams open", watchers.clone());
+        let connections = Gauge::default();
+        registry.register(
+            "connections",
+            "Client connections open",
+            connections.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed at once because --max-connections were open",
+            connections_refused.clone(),
+        );
         let watch_events = Counter::default();
         registry.register(
             "watch_events",
@@ -294,6 +308,8 @@ impl Metrics {
             cache_bytes,
             render_lock: std::sync::Mutex::new(()),
             watchers,
+            connections,
+            connections_refused,
             watch_events,
             watch_lagged,
             token_failures,
@@ -341,6 +357,16 @@ impl Metrics {
     /// Counts one request refused by the brute-force protection.
     pub fn throttled(&self) {
         self.throttled.inc();
+    }
+
+    /// One more (or, with a negative `delta`, fewer) open client connections.
+    pub fn connections(&self, delta: i64) {
+        self.connections.inc_by(delta);
+    }
+
+    /// Counts one connection refused for the connection limit.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     /// One more (or, with a negative `delta`, fewer) open watch streams.

@@ -1,9 +1,11 @@
 //! The accept loop: plain TCP or TLS, one HTTP/1.1 connection task per client
-//! (`conn.rs`), and graceful shutdown (stop accepting, close idle connections, let
+//! (`conn.rs`), at most `--max-connections` of them (one more is answered 503 and
+//! closed), and graceful shutdown (stop accepting, close idle connections, let
 //! requests in flight finish).
 
 use crate::conn::{Application, ConnContext, serve_connection};
 use crate::http::{Peer, Shared};
+use crate::metrics::Metrics;
 use crate::tls::Tls;
 use std::collections::HashMap;
 use std::future::Future;
@@ -18,12 +20,14 @@ use tokio::sync::watch;
 /// How long shutdown waits for connections to finish their requests.
 const DRAIN: Duration = Duration::from_secs(30);
 
-/// Serves `app` on `listener` until `shutdown` completes, then drains.
+/// Serves `app` on `listener`, with at most `max_connections` open, until
+/// `shutdown` completes, then drains.
 pub async fn serve<A>(
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
     state: Shared,
     app: A,
+    max_connections: usize,
     shutdown: impl Future<Output = ()>,
 ) where
     A: Application,
@@ -31,7 +35,7 @@ pub async fn serve<A>(
     // Every connection holds a receiver, never read: the sender is closed once the
     // last one has ended.
     let (alive, alive_rx) = watch::channel(());
-    let stops = Arc::new(Stops::default());
+    let stops = Arc::new(Stops::new(max_connections, state.metrics.clone()));
     tokio::pin!(shutdown);
     loop {
         let (tcp, addr) = tokio::select! {
@@ -46,9 +50,18 @@ pub async fn serve<A>(
             },
             () = &mut shutdown => break,
         };
+        let Some(registered) = Stops::register(&stops) else {
+            state.metrics.connection_refused();
+            tracing::debug!(client = %addr, max_connections, "connection refused: the server holds as many as it may");
+            if tls.is_none() {
+                // Best effort, without waiting: the client learns why.
+                let _ = tcp.try_write(&refusal());
+            }
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let (tls, app, state) = (tls.clone(), app.clone(), state.clone());
-        let (alive, registered) = (alive_rx.clone(), Stops::register(&stops));
+        let alive = alive_rx.clone();
         tokio::spawn(async move {
             // Both held until the connection ends.
             let _held = (alive, &registered);
@@ -76,6 +89,21 @@ pub async fn serve<A>(
     if tokio::time::timeout(DRAIN, alive.closed()).await.is_err() {
         tracing::warn!("some connections were still busy after {DRAIN:?}; closing them");
     }
+}
+
+/// What a connection past the limit is sent before it is closed.
+fn refusal() -> Vec<u8> {
+    let body = serde_json::json!({
+        "error": "too_many_connections",
+        "message": "the server holds as many connections as it may; retry later",
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         connection: close\r\nretry-after: 1\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 /// One connection's stop signal: a flag, and the waker of the task that waits for
@@ -142,10 +170,11 @@ impl Future for Stopped {
     }
 }
 
-/// The stop signals of the open connections.
-#[derive(Default)]
+/// The stop signals of the open connections, at most `limit` of them.
 struct Stops {
     open: Mutex<OpenConnections>,
+    limit: usize,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Default)]
@@ -164,20 +193,33 @@ struct Registered {
 }
 
 impl Stops {
-    fn register(stops: &Arc<Stops>) -> Registered {
+    fn new(limit: usize, metrics: Arc<Metrics>) -> Self {
+        Stops {
+            open: Mutex::default(),
+            limit,
+            metrics,
+        }
+    }
+
+    /// A place for one more connection; `None` when `limit` are open.
+    fn register(stops: &Arc<Stops>) -> Option<Registered> {
         let signal = Arc::new(StopSignal::default());
         let mut open = stops.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.signals.len() >= stops.limit {
+            return None;
+        }
         if open.stopping {
             signal.stop();
         }
         let id = open.next;
         open.next += 1;
         open.signals.insert(id, signal.clone());
-        Registered {
+        stops.metrics.connections(1);
+        Some(Registered {
             stops: stops.clone(),
             id,
             signal,
-        }
+        })
     }
 
     fn stop_all(&self) {
@@ -193,6 +235,7 @@ impl Drop for Registered {
     fn drop(&mut self) {
         let mut open = self.stops.open.lock().unwrap_or_else(|e| e.into_inner());
         open.signals.remove(&self.id);
+        self.stops.metrics.connections(-1);
     }
 }
 
@@ -202,10 +245,10 @@ mod tests {
 
     #[tokio::test]
     async fn stop_all_wakes_every_waiting_connection_and_later_ones_start_stopped() {
-        let stops = Arc::new(Stops::default());
+        let stops = Arc::new(Stops::new(3, Arc::new(Metrics::new())));
         let waiting: Vec<_> = (0..3)
             .map(|_| {
-                let registered = Stops::register(&stops);
+                let registered = Stops::register(&stops).unwrap();
                 tokio::spawn(async move {
                     let mut stop = std::pin::pin!(Stopped::new(registered.signal.clone()));
                     // Polled again and again, as a connection does before each read.
@@ -231,7 +274,17 @@ mod tests {
                 .unwrap();
         }
         assert!(stops.open.lock().unwrap().signals.is_empty());
-        let late = Stops::register(&stops);
+        let late = Stops::register(&stops).unwrap();
         assert!(late.signal.stopped.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn at_most_the_limit_are_registered() {
+        let stops = Arc::new(Stops::new(2, Arc::new(Metrics::new())));
+        let first = Stops::register(&stops).unwrap();
+        let _second = Stops::register(&stops).unwrap();
+        assert!(Stops::register(&stops).is_none());
+        drop(first);
+        assert!(Stops::register(&stops).is_some());
     }
 }

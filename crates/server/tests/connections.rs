@@ -556,3 +556,75 @@ async fn reads_over_tls_are_answered_and_connections_go_on() {
         (200, &json!(2), &json!(2))
     );
 }
+
+/// Past `--max-connections`, a connection is answered 503 and closed; once one
+/// closes, the next is served, and the metrics count both.
+#[test]
+fn connections_past_the_limit_are_refused_until_one_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with_env(
+        &dir.path().join("d"),
+        &["--max-connections", "2"],
+        &[("AMPHORA_LOG", "info")],
+    );
+    let mut first = Raw::connect(&s);
+    first.send(get("/v1/kv/c/f/k", "").as_bytes());
+    assert_eq!(first.answer().status, 404);
+    let mut second = Raw::connect(&s);
+    second.send(b"GET /metrics HTTP/1.1\r\nhost: t\r\n\r\n");
+    let metrics = second.answer();
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics.body.contains("amphora_connections 2"),
+        "{}",
+        metrics.body
+    );
+
+    let mut third = Raw::connect(&s);
+    let refused = third.answer();
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.header("connection"), Some("close"));
+    assert!(
+        refused.body.contains("too_many_connections"),
+        "{}",
+        refused.body
+    );
+    assert!(third.closed());
+
+    drop(first);
+    // The server sees the close when it next reads: until then, new connections are
+    // still refused. A refused one is answered at once; a served one waits for its
+    // request, so a read that times out means served.
+    let mut served = None;
+    for _ in 0..100 {
+        let mut next = Raw::connect(&s);
+        next.tcp
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        match next.tcp.peek(&mut byte) {
+            Ok(_) => assert_eq!(next.answer().status, 503),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                next.tcp
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                next.send(get("/v1/kv/c/f/k", "").as_bytes());
+                assert_eq!(next.answer().status, 404);
+                served = Some(next);
+                break;
+            }
+            Err(e) => panic!("reading: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(served.is_some(), "no connection served after one closed");
+    second.send(b"GET /metrics HTTP/1.1\r\nhost: t\r\n\r\n");
+    let metrics = second.answer().body;
+    assert!(metrics.contains("amphora_connections 2"), "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("amphora_connections_refused_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
