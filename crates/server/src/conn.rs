@@ -719,7 +719,9 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<I> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        // TLS writes its close_notify here, and waits for the socket to take it.
+        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.judge(cx, poll)
     }
 }
 

@@ -6,14 +6,15 @@
 //!
 //! The map is bounded in work and memory: past [`SOFT_SLOTS`] pairs, a failure
 //! drops the stale ones, at most once a second (a scan per failure would let a
-//! client that fails on many contexts make every failure cost a scan of the map);
-//! past [`HARD_SLOTS`], a failure on a pair not yet tracked counts against the
-//! client address on every context, so that flooding the map with pairs does not
-//! buy untracked guesses.
+//! client that fails on many contexts make every failure cost a scan of the map).
+//! An address that already has [`PAIRS_PER_ADDRESS`] contexts tracked has its
+//! failures on further contexts counted against it on every context: one client
+//! cannot fill the map with pairs, and a flood of them blocks only the address
+//! that sends it.
 
 use dashmap::DashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// The throttle's settings.
@@ -45,7 +46,7 @@ struct Slot {
 }
 
 /// What the throttle says of a request about to run.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
 pub enum Verdict {
     /// Go ahead.
     Pass,
@@ -55,6 +56,20 @@ pub enum Verdict {
     Refuse(u64),
 }
 
+impl Verdict {
+    /// The stricter of two verdicts: a refusal over a pause over a pass, the
+    /// longer of two of a kind.
+    fn stricter(self, other: Verdict) -> Verdict {
+        match (self, other) {
+            (Verdict::Refuse(a), Verdict::Refuse(b)) => Verdict::Refuse(a.max(b)),
+            (Verdict::Refuse(a), _) | (_, Verdict::Refuse(a)) => Verdict::Refuse(a),
+            (Verdict::Slow(a), Verdict::Slow(b)) => Verdict::Slow(a.max(b)),
+            (Verdict::Slow(a), _) | (_, Verdict::Slow(a)) => Verdict::Slow(a),
+            (Verdict::Pass, Verdict::Pass) => Verdict::Pass,
+        }
+    }
+}
+
 /// Failure counts per (client address, context).
 pub struct Throttle {
     settings: ThrottleSettings,
@@ -62,39 +77,49 @@ pub struct Throttle {
     /// False only while `slots` is empty: lets `check` skip the map, whose
     /// `is_empty` takes every shard's lock, when no client has failed lately.
     tracking: AtomicBool,
-    /// True when some address is tracked on every context ([`ANY_CONTEXT`]).
-    wide: AtomicBool,
+    /// The slots of addresses tracked on every context ([`ANY_CONTEXT`]). Counted
+    /// under the lock of the map's shard that holds the slot, so it is never 0 while
+    /// such a slot exists.
+    wide_slots: AtomicUsize,
+    /// The contexts tracked per address (its slots other than the address-wide one),
+    /// counted as `wide_slots` is.
+    per_address: DashMap<IpAddr, usize>,
     /// When a failure last dropped the stale pairs.
     pruned_ms: AtomicU64,
-    /// [`SOFT_SLOTS`] and [`HARD_SLOTS`] (smaller in tests).
+    /// [`SOFT_SLOTS`] and [`PAIRS_PER_ADDRESS`] (smaller in tests).
     soft_slots: usize,
-    hard_slots: usize,
+    pairs_per_address: usize,
 }
 
 /// Beyond this many tracked pairs, a failure drops the stale ones, at most once a
 /// second.
 const SOFT_SLOTS: usize = 100_000;
-/// Beyond this many, a failure on a new pair counts against its address on every
-/// context.
-const HARD_SLOTS: usize = 200_000;
+/// An address with this many contexts tracked has its failures on further contexts
+/// counted against it on every context.
+const PAIRS_PER_ADDRESS: usize = 64;
 /// The context of an address's slot for every context (no context is named so).
 const ANY_CONTEXT: &str = "";
 
 impl Throttle {
     /// A throttle with these settings.
     pub fn new(settings: ThrottleSettings) -> Self {
-        Self::with_bounds(settings, SOFT_SLOTS, HARD_SLOTS)
+        Self::with_bounds(settings, SOFT_SLOTS, PAIRS_PER_ADDRESS)
     }
 
-    fn with_bounds(settings: ThrottleSettings, soft_slots: usize, hard_slots: usize) -> Self {
+    fn with_bounds(
+        settings: ThrottleSettings,
+        soft_slots: usize,
+        pairs_per_address: usize,
+    ) -> Self {
         Throttle {
             settings,
             slots: DashMap::new(),
             tracking: AtomicBool::new(false),
-            wide: AtomicBool::new(false),
+            wide_slots: AtomicUsize::new(0),
+            per_address: DashMap::new(),
             pruned_ms: AtomicU64::new(0),
             soft_slots,
-            hard_slots,
+            pairs_per_address,
         }
     }
 
@@ -109,12 +134,11 @@ impl Throttle {
         if self.quiet() {
             return Verdict::Pass;
         }
-        match self.judge(addr, context, now_ms) {
-            Verdict::Pass if self.wide.load(Ordering::SeqCst) => {
-                self.judge(addr, ANY_CONTEXT, now_ms)
-            }
-            verdict => verdict,
+        let verdict = self.judge(addr, context, now_ms);
+        if self.wide_slots.load(Ordering::SeqCst) == 0 {
+            return verdict;
         }
+        verdict.stricter(self.judge(addr, ANY_CONTEXT, now_ms))
     }
 
     /// The verdict of the slot of `addr` on `context` alone.
@@ -138,9 +162,7 @@ impl Throttle {
 
     /// Counts one token failure; answers true when it blocked the pair.
     pub fn fail(&self, addr: IpAddr, context: &str, now_ms: u64) -> bool {
-        let mut key = (addr, context.to_owned());
-        let tracked = self.slots.len();
-        if tracked >= self.soft_slots {
+        if self.slots.len() >= self.soft_slots {
             let last = self.pruned_ms.load(Ordering::SeqCst);
             if now_ms >= last.saturating_add(1000)
                 && self
@@ -150,13 +172,28 @@ impl Throttle {
             {
                 self.prune(now_ms);
             }
-            if self.slots.len() >= self.hard_slots && !self.slots.contains_key(&key) {
-                key.1 = ANY_CONTEXT.to_owned();
-            }
+        }
+        let mut key = (addr, context.to_owned());
+        if !self.slots.contains_key(&key)
+            && self
+                .per_address
+                .get(&addr)
+                .is_some_and(|n| *n >= self.pairs_per_address)
+        {
+            key.1 = ANY_CONTEXT.to_owned();
         }
         let wide = key.1 == ANY_CONTEXT;
         let window = self.settings.window.as_millis() as u64;
-        let mut slot = self.slots.entry(key).or_default();
+        // Counted while the new slot's shard is locked: `prune` uncounts it under the
+        // same lock.
+        let mut slot = self.slots.entry(key).or_insert_with(|| {
+            if wide {
+                self.wide_slots.fetch_add(1, Ordering::SeqCst);
+            } else {
+                *self.per_address.entry(addr).or_default() += 1;
+            }
+            Slot::default()
+        });
         if now_ms.saturating_sub(slot.first_ms) > window {
             slot.failures = 0;
             slot.first_ms = now_ms;
@@ -172,25 +209,24 @@ impl Throttle {
         // After the slot is in the map: `prune` clears the flag only when it finds
         // the map empty after clearing it, so the flag is never left false beside a slot.
         self.tracking.store(true, Ordering::SeqCst);
-        if wide {
-            self.wide.store(true, Ordering::SeqCst);
-        }
         blocked
     }
 
     /// Forgets pairs that are neither blocked nor within their window.
     pub fn prune(&self, now_ms: u64) {
         let window = self.settings.window.as_millis() as u64;
-        // Cleared first, set again for each address-wide slot kept: a `fail` that adds
-        // one meanwhile sets it after adding it.
-        self.wide.store(false, Ordering::SeqCst);
-        self.slots.retain(|(_, context), s| {
+        self.slots.retain(|(addr, context), s| {
             let keep = s.blocked_until_ms > now_ms || now_ms.saturating_sub(s.first_ms) <= window;
-            if keep && context == ANY_CONTEXT {
-                self.wide.store(true, Ordering::SeqCst);
+            if !keep {
+                if context == ANY_CONTEXT {
+                    self.wide_slots.fetch_sub(1, Ordering::SeqCst);
+                } else if let Some(mut n) = self.per_address.get_mut(addr) {
+                    *n -= 1;
+                }
             }
             keep
         });
+        self.per_address.retain(|_, n| *n > 0);
         if self.slots.is_empty() {
             self.tracking.store(false, Ordering::SeqCst);
             if !self.slots.is_empty() {
@@ -245,52 +281,81 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_full_map_is_pruned_once_a_second_then_counts_per_address() {
+    fn small() -> Throttle {
         let settings = ThrottleSettings {
             max_failures: 4,
             window: Duration::from_secs(10),
             block: Duration::from_secs(5),
         };
-        let t = Throttle::with_bounds(settings, 100, 200);
-        let a: IpAddr = "127.0.0.2".parse().unwrap();
-        let b: IpAddr = "127.0.0.3".parse().unwrap();
-        // 100 stale pairs: the next failure past the window drops them.
+        Throttle::with_bounds(settings, 100, 50)
+    }
+
+    #[test]
+    fn a_full_map_is_pruned_at_most_once_a_second() {
+        let t = small();
+        let addr = |i: u32| IpAddr::from((0x7f00_0000 + i).to_be_bytes());
+        // 100 stale pairs, two per address: the next failure past the window drops them.
         for i in 0..100 {
-            t.fail(a, &format!("old{i}"), 0);
+            t.fail(addr(i / 2), &format!("old{i}"), 0);
         }
-        t.fail(a, "c0", 20_000);
+        t.fail(addr(1000), "c0", 20_000);
         assert_eq!(t.slots.len(), 1);
-        // Within a second of that, a full map is not scanned again, stale pairs
-        // or not.
+        assert_eq!(t.per_address.len(), 1);
+        // Within a second of that, a full map is not scanned again, stale pairs or not.
         for i in 0..99 {
-            t.fail(a, &format!("old{i}"), 0);
+            t.fail(addr(i / 2), &format!("old{i}"), 0);
         }
-        t.fail(b, "x", 20_500);
-        t.fail(b, "y", 20_900);
+        t.fail(addr(1001), "x", 20_500);
+        t.fail(addr(1001), "y", 20_900);
         assert_eq!(t.slots.len(), 102);
         // After it, it is: all of them are stale by then.
-        t.fail(b, "z", 31_000);
+        t.fail(addr(1001), "z", 31_000);
         assert_eq!(t.slots.len(), 1);
-        // 200 live pairs: a failure on a new one counts against the address.
-        for i in 0..199 {
-            t.fail(a, &format!("live{i}"), 31_000);
+        assert_eq!(*t.per_address.get(&addr(1001)).unwrap(), 1);
+    }
+
+    #[test]
+    fn an_address_failing_on_many_contexts_is_counted_on_all_of_them() {
+        let t = small();
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        // 50 contexts of its own, then failures on new ones count address-wide.
+        for i in 0..50 {
+            t.fail(a, &format!("own{i}"), 1_000);
         }
-        assert_eq!(t.slots.len(), 200);
-        assert_eq!(t.check(a, "fresh0", 31_100), Verdict::Pass);
+        assert_eq!(t.check(a, "fresh0", 1_100), Verdict::Pass);
         for i in 0..4 {
-            t.fail(a, &format!("fresh{i}"), 31_100);
+            t.fail(a, &format!("fresh{i}"), 1_100);
         }
-        assert_eq!(t.slots.len(), 201);
-        assert_eq!(t.check(a, "fresh9", 31_200), Verdict::Refuse(5));
-        assert_eq!(t.check(a, "live0", 31_200), Verdict::Refuse(5));
-        // Other addresses are not affected, and tracked pairs count as before.
-        assert_eq!(t.check(b, "fresh9", 31_200), Verdict::Pass);
-        t.fail(b, "z", 31_200);
-        assert_eq!(t.slots.get(&(b, "z".to_owned())).unwrap().failures, 2);
-        // When the address-wide slot goes stale, the flag goes with it.
+        assert_eq!(t.slots.len(), 51);
+        assert_eq!(t.check(a, "fresh9", 1_200), Verdict::Refuse(5));
+        assert_eq!(t.check(a, "own0", 1_200), Verdict::Refuse(5));
+        // A context slowed on its own is refused as well: the stricter verdict wins.
+        t.fail(a, "own1", 1_200);
+        assert_eq!(t.check(a, "own1", 1_300), Verdict::Refuse(5));
+        // Another address, even with a map this full, counts per context.
+        for i in 0..3 {
+            t.fail(b, &format!("fresh{i}"), 1_200);
+        }
+        assert_eq!(t.check(b, "fresh9", 1_300), Verdict::Pass);
+        assert_eq!(t.slots.get(&(b, "fresh0".to_owned())).unwrap().failures, 1);
+        // Once the address-wide slot is stale and pruned, nothing is refused.
         t.prune(100_000);
-        assert!(!t.wide.load(Ordering::SeqCst));
+        assert_eq!(t.wide_slots.load(Ordering::SeqCst), 0);
+        assert!(t.per_address.is_empty());
         assert_eq!(t.check(a, "fresh9", 100_000), Verdict::Pass);
+    }
+
+    #[test]
+    fn the_stricter_verdict_wins() {
+        let slow = |ms| Verdict::Slow(Duration::from_millis(ms));
+        assert_eq!(Verdict::Pass.stricter(slow(200)), slow(200));
+        assert_eq!(slow(400).stricter(slow(200)), slow(400));
+        assert_eq!(slow(400).stricter(Verdict::Refuse(3)), Verdict::Refuse(3));
+        assert_eq!(
+            Verdict::Refuse(2).stricter(Verdict::Refuse(3)),
+            Verdict::Refuse(3)
+        );
+        assert_eq!(Verdict::Pass.stricter(Verdict::Pass), Verdict::Pass);
     }
 }

@@ -51,8 +51,10 @@ const REPLAY_PAGE: usize = 256;
 /// How often a quiet stream sends a comment, so that dead connections are noticed
 /// and proxies keep the stream open.
 const HEARTBEAT: Duration = Duration::from_secs(15);
-/// The most queued changes sent in one write.
+/// The most queued changes sent in one write, and the most bytes: the joined copy
+/// is the watcher's own, outside the queue's byte bound.
 const MAX_JOINED: usize = 64;
+const MAX_JOINED_BYTES: usize = 256 * 1024;
 /// What a client waits before reconnecting (the SSE `retry` field), in ms.
 const RETRY_MS: u64 = 1000;
 
@@ -581,6 +583,9 @@ impl Stream {
     /// it: a client that fell a little behind catches up in one write, not many.
     fn with_queued(&mut self, first: Arc<Change>) -> Bytes {
         self.last_sent = first.revision;
+        if first.frame.len() >= MAX_JOINED_BYTES {
+            return first.frame.clone();
+        }
         let Some(second) = self.sub.try_recv() else {
             return first.frame.clone();
         };
@@ -594,7 +599,7 @@ impl Stream {
                 self.last_sent = change.revision;
             }
             n += 1;
-            next = if n < MAX_JOINED {
+            next = if n < MAX_JOINED && joined.len() < MAX_JOINED_BYTES {
                 self.sub.try_recv()
             } else {
                 None

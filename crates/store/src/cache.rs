@@ -51,6 +51,8 @@ const OVERHEAD: usize = 64;
 pub(crate) struct Ticket {
     shard: usize,
     generation: u64,
+    /// The key's hash, for the insert.
+    hash: u64,
 }
 
 /// A cached entry (entries with a lease are not cached) in one allocation: the
@@ -247,6 +249,7 @@ impl EntryCache {
             None => Err(Some(Ticket {
                 shard,
                 generation: s.generation,
+                hash,
             })),
         }
     }
@@ -260,7 +263,8 @@ impl EntryCache {
         if size > self.shard_budget {
             return;
         }
-        let hash = self.hash(&kv.key);
+        let hash = ticket.hash;
+        debug_assert_eq!(hash, self.hash(&kv.key), "offered under its ticket's key");
         let mut s = self.shards[ticket.shard]
             .write()
             .unwrap_or_else(|p| p.into_inner());
