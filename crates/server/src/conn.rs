@@ -29,7 +29,7 @@ use crate::error::{ApiError, ServerSideError};
 use crate::hot::{PlainEntry, is_comet_read_path};
 use crate::http::{Peer, RequestId, Shared, caller_from, record, request_lines_on};
 use crate::query::Query;
-use crate::service::Entry;
+use crate::service::{Entry, Written};
 use crate::{comet, native};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -514,10 +514,17 @@ async fn answer(
                     .service
                     .entry_key(names.context, names.family, names.key)?;
                 let checked = fast.headers.check(&Query::default())?;
-                native::write_value(state, &caller, &key, checked, body).await
+                native::store_value(state, &caller, &key, checked, body).await
             })
             .await;
-            written.unwrap_or_else(IntoResponse::into_response)
+            match written {
+                Ok(written) => {
+                    let answered = Instant::now();
+                    write_written(state, &id, fast, &written, answered, out, scratch);
+                    return (true, answered);
+                }
+                Err(e) => e.into_response(),
+            }
         }
         What::Comet(query) => {
             let caller = caller_from(state, Some(peer), forwarded, "comet");
@@ -554,6 +561,40 @@ fn write_entry(
     native::write_entry_body(body, entry);
     out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\netag: \"");
     out.extend_from_slice(itoa::Buffer::new().format(entry.revision).as_bytes());
+    out.extend_from_slice(b"\"\r\n");
+    write_tail(out, id, body);
+}
+
+/// Writes the answer to a write (as `native::write_value` would build it), after
+/// recording it.
+fn write_written(
+    state: &Shared,
+    id: &RequestId,
+    fast: &Fast<'_>,
+    written: &Written,
+    answered: Instant,
+    out: &mut Vec<u8>,
+    body: &mut Vec<u8>,
+) {
+    let (method, endpoint) = fast.what.labels();
+    let status = native::written_status(written);
+    record(
+        state,
+        id,
+        method,
+        endpoint,
+        status,
+        None,
+        answered - fast.started,
+    );
+    body.clear();
+    native::write_written_body(body, written);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\ncontent-type: application/json\r\netag: \"");
+    out.extend_from_slice(itoa::Buffer::new().format(written.revision).as_bytes());
     out.extend_from_slice(b"\"\r\n");
     write_tail(out, id, body);
 }

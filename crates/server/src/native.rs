@@ -4,7 +4,7 @@
 use crate::error::ApiError;
 use crate::http::{NativeCaller, Shared, read_body};
 use crate::query::Query;
-use crate::service::{Caller, Entry, WriteOptions};
+use crate::service::{Caller, Entry, WriteOptions, Written};
 use amphora_model::{EntryKey, context_prefix, family_prefix};
 use amphora_store::EventKind;
 use axum::Json;
@@ -437,13 +437,53 @@ pub(crate) async fn write_value(
     checked: CheckedWrite<'_>,
     body: &[u8],
 ) -> Result<Response, ApiError> {
+    let written = store_value(state, caller, key, checked, body).await?;
+    let mut out = Vec::with_capacity(48);
+    write_written_body(&mut out, &written);
+    let mut response = json_bytes_ok(out);
+    *response.status_mut() = written_status(&written);
+    response
+        .headers_mut()
+        .insert(header::ETAG, etag(written.revision));
+    Ok(response)
+}
+
+/// The status of a write's answer: 201 when it created the entry.
+pub(crate) fn written_status(written: &Written) -> StatusCode {
+    if written.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    }
+}
+
+/// The body of a write's answer, `{"created":…,"revision":…}`, wherever the write
+/// was dispatched.
+pub(crate) fn write_written_body(out: &mut Vec<u8>, written: &Written) {
+    out.extend_from_slice(b"{\"created\":");
+    out.extend_from_slice(if written.created { b"true" } else { b"false" });
+    out.extend_from_slice(b",\"revision\":");
+    out.extend_from_slice(itoa::Buffer::new().format(written.revision).as_bytes());
+    out.push(b'}');
+}
+
+/// Validates a write's body (its size, then JSON) and stores it: what
+/// [`write_value`] answers.
+pub(crate) async fn store_value(
+    state: &Shared,
+    caller: &Caller,
+    key: &EntryKey,
+    checked: CheckedWrite<'_>,
+    body: &[u8],
+) -> Result<Written, ApiError> {
     state.service.check_value(body.len())?;
     let text =
         std::str::from_utf8(body).map_err(|_| ApiError::InvalidJson("body is not UTF-8".into()))?;
     // Validate without building a tree; the text is stored as it came.
-    let raw_value: Box<RawValue> =
+    // Borrowed: the only copy made is the one stored.
+    let raw_value: &RawValue =
         serde_json::from_str(text).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
-    let written = state
+    state
         .service
         .write(
             caller,
@@ -453,21 +493,7 @@ pub(crate) async fn write_value(
             checked.write,
             &checked.options,
         )
-        .await?;
-    let status = if written.created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    let mut response = (
-        status,
-        Json(serde_json::json!({"revision": written.revision, "created": written.created})),
-    )
-        .into_response();
-    response
-        .headers_mut()
-        .insert(header::ETAG, etag(written.revision));
-    Ok(response)
+        .await
 }
 
 /// `DELETE /v1/kv/{context}/{family}/{key}`.
