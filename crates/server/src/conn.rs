@@ -29,7 +29,8 @@ use crate::error::{ApiError, ServerSideError};
 use crate::hot::{PlainEntry, is_comet_read_path};
 use crate::http::{Peer, RequestId, Shared, caller_from, record, request_lines_on};
 use crate::query::Query;
-use crate::service::{Entry, Written};
+use amphora_store::Revision;
+
 use crate::{comet, native};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -497,7 +498,10 @@ async fn answer(
             match found {
                 Ok(entry) => {
                     let answered = Instant::now();
-                    write_entry(state, &id, fast, &entry, answered, out, scratch);
+                    scratch.clear();
+                    native::write_entry_body(scratch, &entry);
+                    let status = (StatusCode::OK, entry.revision);
+                    write_json_answer(state, &id, fast, status, answered, out, scratch);
                     return (true, answered);
                 }
                 Err(e) => e.into_response(),
@@ -520,7 +524,10 @@ async fn answer(
             match written {
                 Ok(written) => {
                     let answered = Instant::now();
-                    write_written(state, &id, fast, &written, answered, out, scratch);
+                    scratch.clear();
+                    native::write_written_body(scratch, &written);
+                    let status = (native::written_status(&written), written.revision);
+                    write_json_answer(state, &id, fast, status, answered, out, scratch);
                     return (true, answered);
                 }
                 Err(e) => e.into_response(),
@@ -536,48 +543,19 @@ async fn answer(
     (keep_alive, answered)
 }
 
-/// Writes the answer to a read that found `entry` (as `native::read_entry` would
-/// build it), after recording it.
-fn write_entry(
+/// Writes a JSON answer this loop built (`body`: a read's entry, a write's outcome,
+/// as `native` builds them for the router too), after recording it: the status
+/// line, the content type, the etag of `revision`, and the common tail.
+fn write_json_answer(
     state: &Shared,
     id: &RequestId,
     fast: &Fast<'_>,
-    entry: &Entry,
+    (status, revision): (StatusCode, Revision),
     answered: Instant,
     out: &mut Vec<u8>,
-    body: &mut Vec<u8>,
+    body: &[u8],
 ) {
     let (method, endpoint) = fast.what.labels();
-    record(
-        state,
-        id,
-        method,
-        endpoint,
-        StatusCode::OK,
-        None,
-        answered - fast.started,
-    );
-    body.clear();
-    native::write_entry_body(body, entry);
-    out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\netag: \"");
-    out.extend_from_slice(itoa::Buffer::new().format(entry.revision).as_bytes());
-    out.extend_from_slice(b"\"\r\n");
-    write_tail(out, id, body);
-}
-
-/// Writes the answer to a write (as `native::write_value` would build it), after
-/// recording it.
-fn write_written(
-    state: &Shared,
-    id: &RequestId,
-    fast: &Fast<'_>,
-    written: &Written,
-    answered: Instant,
-    out: &mut Vec<u8>,
-    body: &mut Vec<u8>,
-) {
-    let (method, endpoint) = fast.what.labels();
-    let status = native::written_status(written);
     record(
         state,
         id,
@@ -587,14 +565,12 @@ fn write_written(
         None,
         answered - fast.started,
     );
-    body.clear();
-    native::write_written_body(body, written);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\ncontent-type: application/json\r\netag: \"");
-    out.extend_from_slice(itoa::Buffer::new().format(written.revision).as_bytes());
+    out.extend_from_slice(itoa::Buffer::new().format(revision).as_bytes());
     out.extend_from_slice(b"\"\r\n");
     write_tail(out, id, body);
 }
