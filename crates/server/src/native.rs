@@ -6,7 +6,7 @@ use crate::http::{NativeCaller, Shared, read_body};
 use crate::query::Query;
 use crate::service::{Caller, Entry, WriteOptions, Written};
 use amphora_model::{EntryKey, context_prefix, family_prefix};
-use amphora_store::EventKind;
+use amphora_store::{EventKind, Revision};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
@@ -318,11 +318,16 @@ pub(crate) async fn read_entry(
         .ok_or(ApiError::NotFound)?;
     let mut body = Vec::with_capacity(entry_size(&entry));
     write_entry_body(&mut body, &entry);
+    Ok(json_answer(StatusCode::OK, entry.revision, body))
+}
+
+/// A JSON answer about one entry at `revision` (its etag): what the connection
+/// loop writes as `conn::write_json_answer`.
+fn json_answer(status: StatusCode, revision: Revision, body: Vec<u8>) -> Response {
     let mut response = json_bytes_ok(body);
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::ETAG, etag(revision));
     response
-        .headers_mut()
-        .insert(header::ETAG, etag(entry.revision));
-    Ok(response)
 }
 
 fn parse_if_match(value: Option<&[u8]>) -> Result<Option<u64>, ApiError> {
@@ -440,12 +445,7 @@ pub(crate) async fn write_value(
     let written = store_value(state, caller, key, checked, body).await?;
     let mut out = Vec::with_capacity(48);
     write_written_body(&mut out, &written);
-    let mut response = json_bytes_ok(out);
-    *response.status_mut() = written_status(&written);
-    response
-        .headers_mut()
-        .insert(header::ETAG, etag(written.revision));
-    Ok(response)
+    Ok(json_answer(written_status(&written), written.revision, out))
 }
 
 /// The status of a write's answer: 201 when it created the entry.
