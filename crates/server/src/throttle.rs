@@ -2,7 +2,9 @@
 //! are first slowed down, then refused for a while with 429 and `Retry-After`.
 //!
 //! Counting per (address, context) keeps an attacker's failures from locking out
-//! other clients, and other contexts for the same client.
+//! other clients, and other contexts for the same client. An IPv6 client is
+//! counted by its /64 ([`client_net`]): that is what one host or subscriber is
+//! given, so an attacker gains nothing from the 2^64 addresses it can send from.
 //!
 //! The map is bounded in work and memory: past [`SOFT_SLOTS`] pairs, a failure
 //! drops the stale ones, at most once a second (a scan per failure would let a
@@ -100,6 +102,19 @@ const PAIRS_PER_ADDRESS: usize = 64;
 /// The context of an address's slot for every context (no context is named so).
 const ANY_CONTEXT: &str = "";
 
+/// The network a client is counted by: an IPv4 address as it is (an IPv4 address
+/// mapped into IPv6 as well, which a dual-stack listener reports), an IPv6 address
+/// cut to its /64.
+fn client_net(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((v6.to_bits() & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
+
 impl Throttle {
     /// A throttle with these settings.
     pub fn new(settings: ThrottleSettings) -> Self {
@@ -134,6 +149,7 @@ impl Throttle {
         if self.quiet() {
             return Verdict::Pass;
         }
+        let addr = client_net(addr);
         let verdict = self.judge(addr, context, now_ms);
         if self.wide_slots.load(Ordering::SeqCst) == 0 {
             return verdict;
@@ -162,6 +178,7 @@ impl Throttle {
 
     /// Counts one token failure; answers true when it blocked the pair.
     pub fn fail(&self, addr: IpAddr, context: &str, now_ms: u64) -> bool {
+        let addr = client_net(addr);
         if self.slots.len() >= self.soft_slots {
             let last = self.pruned_ms.load(Ordering::SeqCst);
             if now_ms >= last.saturating_add(1000)
@@ -344,6 +361,29 @@ mod tests {
         assert_eq!(t.wide_slots.load(Ordering::SeqCst), 0);
         assert!(t.per_address.is_empty());
         assert_eq!(t.check(a, "fresh9", 100_000), Verdict::Pass);
+    }
+
+    #[test]
+    fn an_ipv6_client_is_counted_by_its_64() {
+        let t = small();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // Four failures from four addresses of one /64 block all of it...
+        for i in 1..=4 {
+            t.fail(ip(&format!("2001:db8:0:1::{i}")), "c", 0);
+        }
+        assert_eq!(
+            t.check(ip("2001:db8:0:1:ffff::9"), "c", 1),
+            Verdict::Refuse(5)
+        );
+        // ...and no neighbouring /64.
+        assert_eq!(t.check(ip("2001:db8:0:2::1"), "c", 1), Verdict::Pass);
+        // IPv4 clients, mapped into IPv6 or not, are one address each.
+        for _ in 0..4 {
+            t.fail(ip("::ffff:192.0.2.1"), "c", 0);
+        }
+        assert_eq!(t.check(ip("192.0.2.1"), "c", 1), Verdict::Refuse(5));
+        assert_eq!(t.check(ip("::ffff:192.0.2.2"), "c", 1), Verdict::Pass);
+        assert_eq!(t.check(ip("192.0.2.2"), "c", 1), Verdict::Pass);
     }
 
     #[test]
