@@ -18,6 +18,7 @@ mod error;
 mod overlay;
 mod paced;
 pub mod redb;
+pub(crate) mod run;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 mod wal;

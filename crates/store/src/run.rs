@@ -1,0 +1,844 @@
+//! Sorted runs: immutable files of key-ordered entries.
+//!
+//! This is step 1 of moving `kv` out of redb (docs/design/put-path.md, "What the
+//! store must become"): no engine uses runs yet. A run is written once, front to
+//! back, from entries in strictly increasing key order, and never changed after;
+//! newer runs shadow older ones, and a merge replaces several runs by one. An entry
+//! is a record or a tombstone (the key was deleted after an older run stored it).
+//!
+//! Layout, all integers little-endian:
+//!
+//! ```text
+//! block*  entry*, then one u32 offset per entry, the entry count (u32), and the
+//!         CRC32 of everything before it in the block (u32)
+//!         entry: key length u32 | value length u32 (u32::MAX: a tombstone) | key | value
+//! index   per block: offset u64 | length u32 | first key's length u32 | first key;
+//!         then the CRC32 of the index
+//! bloom   the filter's words (u64 each), then their CRC32
+//! footer  MAGIC | version u32 | entries u64 | index offset u64 | index length u32 |
+//!         bloom offset u64 | bloom length u32 | CRC32 of the footer before it
+//! ```
+//!
+//! A block holds about [`BLOCK_TARGET`] bytes; an entry larger than that gets a
+//! block of its own. The index and the Bloom filter (10 bits per key) stay in memory
+//! while a run is open; a lookup reads one block with `pread` (no mmap: mapped pages
+//! would count in the server's RSS) and checks its CRC before trusting a byte of it.
+//! Every length read from the file is checked against what holds it, so a torn or
+//! damaged run is refused with [`StoreError::Corrupted`], never read out of bounds.
+
+// Used by the tests only until step 2 moves `kv` here.
+#![cfg_attr(not(test), allow(dead_code))]
+
+use crate::{Result, StoreError};
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"AMPHRUN\0";
+const VERSION: u32 = 1;
+const FOOTER_LEN: usize = 48;
+/// The size a block is cut at.
+pub(crate) const BLOCK_TARGET: usize = 4096;
+const TOMBSTONE: u32 = u32::MAX;
+/// The largest entry a run takes (keeps every length and offset in a u32).
+const MAX_ENTRY: usize = 1 << 30;
+const BLOOM_BITS_PER_KEY: usize = 10;
+const BLOOM_PROBES: u32 = 7;
+
+/// What a run holds for a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Entry {
+    /// The key's record.
+    Record(Vec<u8>),
+    /// The key was deleted.
+    Tombstone,
+}
+
+fn corrupted(path: &Path, what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupted(format!("run {}: {what}", path.display()))
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> StoreError {
+    StoreError::Io(format!("run {}: {e}", path.display()))
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// `bytes` without its trailing CRC32, if that CRC matches.
+fn checked(bytes: &[u8]) -> Option<&[u8]> {
+    let body = bytes.len().checked_sub(4)?;
+    (crc32fast::hash(&bytes[..body]) == u32_at(bytes, body)?).then(|| &bytes[..body])
+}
+
+fn with_crc(mut bytes: Vec<u8>) -> Vec<u8> {
+    let crc = crc32fast::hash(&bytes);
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    bytes
+}
+
+/// The final mix of MurmurHash3's 64-bit finalizer.
+fn mix(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// A key's 64-bit hash for the Bloom filter. Part of the file format: it must
+/// never change (a filter built with another hash answers "absent" wrongly).
+fn key_hash(key: &[u8]) -> u64 {
+    let step = |h: u64, word: u64| {
+        (h ^ word)
+            .wrapping_mul(0x87c3_7b91_1142_53d5)
+            .rotate_left(31)
+    };
+    let mut h = 0x9e37_79b9_7f4a_7c15 ^ key.len() as u64;
+    let mut words = key.chunks_exact(8);
+    for word in &mut words {
+        h = step(h, u64::from_le_bytes(word.try_into().expect("8 bytes")));
+    }
+    let rest = words.remainder();
+    if !rest.is_empty() {
+        let mut last = [0u8; 8];
+        last[..rest.len()].copy_from_slice(rest);
+        h = step(h, u64::from_le_bytes(last));
+    }
+    mix(h)
+}
+
+/// A blocked Bloom filter: each key sets [`BLOOM_PROBES`] bits of one 512-bit
+/// block (one cache line), chosen from its hash. Part of the file format.
+struct Bloom {
+    words: Vec<u64>,
+}
+
+impl Bloom {
+    fn build(hashes: &[u64]) -> Bloom {
+        let blocks = (hashes.len() * BLOOM_BITS_PER_KEY).div_ceil(512).max(1);
+        let mut words = vec![0; blocks * 8];
+        for &h in hashes {
+            for (word, bit) in Self::probes(h, blocks) {
+                words[word] |= bit;
+            }
+        }
+        Bloom { words }
+    }
+
+    /// The (word, bit) pairs of a hash in a filter of `blocks` blocks.
+    fn probes(h: u64, blocks: usize) -> impl Iterator<Item = (usize, u64)> {
+        let block = (((h >> 32) * blocks as u64) >> 32) as usize * 8;
+        let mut bits = mix(h ^ 0x2545_f491_4f6c_dd1d);
+        (0..BLOOM_PROBES).map(move |_| {
+            let bit = (bits & 511) as usize;
+            bits >>= 9;
+            (block + bit / 64, 1u64 << (bit % 64))
+        })
+    }
+
+    fn may_contain(&self, h: u64) -> bool {
+        Self::probes(h, self.words.len() / 8).all(|(word, bit)| self.words[word] & bit != 0)
+    }
+}
+
+/// Where a block is and the first key it holds.
+struct BlockRef {
+    offset: u64,
+    len: u32,
+    first_key: Box<[u8]>,
+}
+
+/// Writes a run. Entries must come in strictly increasing key order.
+pub(crate) struct RunWriter {
+    path: PathBuf,
+    out: BufWriter<File>,
+    written: u64,
+    block: Vec<u8>,
+    offsets: Vec<u32>,
+    blocks: Vec<BlockRef>,
+    hashes: Vec<u64>,
+    last_key: Vec<u8>,
+}
+
+impl RunWriter {
+    /// Starts a run at `path`, which must not exist. After an error the partial
+    /// file is the caller's to delete.
+    pub(crate) fn create(path: &Path) -> Result<RunWriter> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| io_error(path, e))?;
+        Ok(RunWriter {
+            path: path.to_owned(),
+            out: BufWriter::with_capacity(256 * 1024, file),
+            written: 0,
+            block: Vec::with_capacity(BLOCK_TARGET),
+            offsets: Vec::new(),
+            blocks: Vec::new(),
+            hashes: Vec::new(),
+            last_key: Vec::new(),
+        })
+    }
+
+    /// Appends an entry; its key must sort after the previous one's.
+    pub(crate) fn add(&mut self, key: &[u8], entry: &Entry) -> Result<()> {
+        if !self.hashes.is_empty() && key <= self.last_key.as_slice() {
+            return Err(corrupted(&self.path, "keys added out of order"));
+        }
+        let value = match entry {
+            Entry::Record(v) => Some(v.as_slice()),
+            Entry::Tombstone => None,
+        };
+        let size = 8 + key.len() + value.map_or(0, <[u8]>::len);
+        if size > MAX_ENTRY {
+            return Err(corrupted(&self.path, "an entry of 1 GiB or more"));
+        }
+        // Both fit: the entry is smaller than 1 GiB.
+        let key_len = key.len() as u32;
+        let value_len = value.map_or(TOMBSTONE, |v| v.len() as u32);
+        // The block's table grows by 4 bytes per entry; 8 more for count and CRC.
+        let full = self.block.len() + size + 4 * (self.offsets.len() + 1) + 8 > BLOCK_TARGET;
+        if !self.offsets.is_empty() && full {
+            self.end_block()?;
+        }
+        if self.offsets.is_empty() {
+            self.blocks.push(BlockRef {
+                offset: self.written,
+                len: 0,
+                first_key: key.into(),
+            });
+        }
+        self.offsets.push(self.block.len() as u32);
+        self.block.extend_from_slice(&key_len.to_le_bytes());
+        self.block.extend_from_slice(&value_len.to_le_bytes());
+        self.block.extend_from_slice(key);
+        self.block.extend_from_slice(value.unwrap_or_default());
+        self.hashes.push(key_hash(key));
+        self.last_key.clear();
+        self.last_key.extend_from_slice(key);
+        Ok(())
+    }
+
+    fn end_block(&mut self) -> Result<()> {
+        for offset in &self.offsets {
+            self.block.extend_from_slice(&offset.to_le_bytes());
+        }
+        self.block
+            .extend_from_slice(&(self.offsets.len() as u32).to_le_bytes());
+        let block = with_crc(std::mem::take(&mut self.block));
+        self.write(&block)?;
+        if let Some(last) = self.blocks.last_mut() {
+            last.len = block.len() as u32;
+        }
+        self.offsets.clear();
+        self.block = block;
+        self.block.clear();
+        Ok(())
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.out
+            .write_all(bytes)
+            .map_err(|e| io_error(&self.path, e))?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Writes the index, the filter and the footer; with `sync`, makes the file
+    /// durable (its directory entry is the caller's business). Answers the run,
+    /// open for reading.
+    pub(crate) fn finish(mut self, sync: bool) -> Result<Run> {
+        if !self.offsets.is_empty() {
+            self.end_block()?;
+        }
+        let mut index = Vec::new();
+        for block in &self.blocks {
+            index.extend_from_slice(&block.offset.to_le_bytes());
+            index.extend_from_slice(&block.len.to_le_bytes());
+            index.extend_from_slice(&(block.first_key.len() as u32).to_le_bytes());
+            index.extend_from_slice(&block.first_key);
+        }
+        let index = with_crc(index);
+        let bloom = Bloom::build(&self.hashes);
+        let bloom_bytes = with_crc(bloom.words.iter().flat_map(|w| w.to_le_bytes()).collect());
+        let index_offset = self.written;
+        self.write(&index)?;
+        let bloom_offset = self.written;
+        self.write(&bloom_bytes)?;
+        let mut footer = Vec::with_capacity(FOOTER_LEN);
+        footer.extend_from_slice(MAGIC);
+        footer.extend_from_slice(&VERSION.to_le_bytes());
+        footer.extend_from_slice(&(self.hashes.len() as u64).to_le_bytes());
+        footer.extend_from_slice(&index_offset.to_le_bytes());
+        footer.extend_from_slice(&(index.len() as u32).to_le_bytes());
+        footer.extend_from_slice(&bloom_offset.to_le_bytes());
+        footer.extend_from_slice(&(bloom_bytes.len() as u32).to_le_bytes());
+        self.write(&with_crc(footer))?;
+        let path = self.path;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| io_error(&path, e.into_error()))?;
+        if sync {
+            file.sync_data().map_err(|e| io_error(&path, e))?;
+        }
+        Ok(Run {
+            path,
+            file,
+            entries: self.hashes.len() as u64,
+            blocks: self.blocks,
+            bloom,
+        })
+    }
+}
+
+/// An open run: its index and Bloom filter in memory, its blocks on disk.
+pub(crate) struct Run {
+    path: PathBuf,
+    file: File,
+    entries: u64,
+    blocks: Vec<BlockRef>,
+    bloom: Bloom,
+}
+
+impl Run {
+    /// Opens the run at `path`, checking its footer, index and filter.
+    pub(crate) fn open(path: &Path) -> Result<Run> {
+        let file = File::open(path).map_err(|e| io_error(path, e))?;
+        let len = file.metadata().map_err(|e| io_error(path, e))?.len();
+        let read = |offset: u64, len: usize| -> Result<Vec<u8>> {
+            let mut bytes = vec![0; len];
+            file.read_exact_at(&mut bytes, offset)
+                .map_err(|e| io_error(path, e))?;
+            Ok(bytes)
+        };
+        let footer_at = len
+            .checked_sub(FOOTER_LEN as u64)
+            .ok_or_else(|| corrupted(path, "shorter than its footer"))?;
+        let raw = read(footer_at, FOOTER_LEN)?;
+        let footer = checked(&raw).ok_or_else(|| corrupted(path, "footer checksum"))?;
+        if &footer[..8] != MAGIC {
+            return Err(corrupted(path, "not a run file"));
+        }
+        let field = |at| u64_at(footer, at).expect("inside the footer");
+        let version = u32_at(footer, 8).expect("inside the footer");
+        if version != VERSION {
+            return Err(corrupted(path, format!("format version {version}")));
+        }
+        let entries = field(12);
+        let (index_at, index_len) = (field(20), u64::from(u32_at(footer, 28).expect("inside")));
+        let (bloom_at, bloom_len) = (field(32), u64::from(u32_at(footer, 40).expect("inside")));
+        if index_at.checked_add(index_len) != Some(bloom_at)
+            || bloom_at.checked_add(bloom_len) != Some(footer_at)
+        {
+            return Err(corrupted(path, "footer offsets"));
+        }
+        let raw_index = read(index_at, index_len as usize)?;
+        let index = checked(&raw_index).ok_or_else(|| corrupted(path, "index checksum"))?;
+        let mut blocks = Vec::new();
+        let mut at = 0;
+        let mut end_of_data = 0;
+        while at < index.len() {
+            let (Some(offset), Some(len), Some(key_len)) = (
+                u64_at(index, at),
+                u32_at(index, at + 8),
+                u32_at(index, at + 12),
+            ) else {
+                return Err(corrupted(path, "index entry"));
+            };
+            let key = index
+                .get(at + 16..at + 16 + key_len as usize)
+                .ok_or_else(|| corrupted(path, "index entry"))?;
+            if offset != end_of_data {
+                return Err(corrupted(path, "index does not cover the data"));
+            }
+            end_of_data = offset + u64::from(len);
+            blocks.push(BlockRef {
+                offset,
+                len,
+                first_key: key.into(),
+            });
+            at += 16 + key_len as usize;
+        }
+        if end_of_data != index_at {
+            return Err(corrupted(path, "index does not cover the data"));
+        }
+        let raw_bloom = read(bloom_at, bloom_len as usize)?;
+        let bloom = checked(&raw_bloom).ok_or_else(|| corrupted(path, "filter checksum"))?;
+        if bloom.is_empty() || bloom.len() % 64 != 0 {
+            return Err(corrupted(path, "filter size"));
+        }
+        let words = bloom
+            .chunks_exact(8)
+            .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+            .collect();
+        Ok(Run {
+            path: path.to_owned(),
+            file,
+            entries,
+            blocks,
+            bloom: Bloom { words },
+        })
+    }
+
+    /// How many entries (records and tombstones) the run holds.
+    pub(crate) fn entries(&self) -> u64 {
+        self.entries
+    }
+
+    /// The run's entry for `key`, if it has one.
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
+        if !self.bloom.may_contain(key_hash(key)) {
+            return Ok(None);
+        }
+        // The last block whose first key is not after `key`.
+        let Some(i) = self
+            .blocks
+            .partition_point(|b| &*b.first_key <= key)
+            .checked_sub(1)
+        else {
+            return Ok(None);
+        };
+        let block = self.read_block(i)?;
+        let (mut low, mut high) = (0, block.count);
+        while low < high {
+            let mid = (low + high) / 2;
+            let (found, entry) = block.entry(mid)?;
+            match found.cmp(key) {
+                std::cmp::Ordering::Less => low = mid + 1,
+                std::cmp::Ordering::Greater => high = mid,
+                std::cmp::Ordering::Equal => return Ok(Some(entry.owned())),
+            }
+        }
+        Ok(None)
+    }
+
+    /// The entries from the first key not before `start`, in key order.
+    pub(crate) fn iter_from(&self, start: &[u8]) -> RunIter<'_> {
+        let block = self
+            .blocks
+            .partition_point(|b| &*b.first_key <= start)
+            .saturating_sub(1);
+        RunIter {
+            run: self,
+            next_block: block,
+            current: None,
+            position: 0,
+            skip_before: Some(start.to_vec()),
+            failed: false,
+        }
+    }
+
+    fn read_block(&self, i: usize) -> Result<Block<'_>> {
+        let block = &self.blocks[i];
+        let mut bytes = vec![0; block.len as usize];
+        self.file
+            .read_exact_at(&mut bytes, block.offset)
+            .map_err(|e| io_error(&self.path, e))?;
+        let body_len = checked(&bytes)
+            .ok_or_else(|| corrupted(&self.path, format!("block {i} checksum")))?
+            .len();
+        bytes.truncate(body_len);
+        let count = body_len
+            .checked_sub(4)
+            .and_then(|at| u32_at(&bytes, at))
+            .map(|c| c as usize)
+            .ok_or_else(|| corrupted(&self.path, format!("block {i} size")))?;
+        let table = (body_len - 4)
+            .checked_sub(count.saturating_mul(4))
+            .ok_or_else(|| corrupted(&self.path, format!("block {i} entry count")))?;
+        Ok(Block {
+            run: self,
+            bytes,
+            count,
+            table,
+        })
+    }
+}
+
+/// One block read from a run, its checksum verified.
+struct Block<'r> {
+    run: &'r Run,
+    bytes: Vec<u8>,
+    count: usize,
+    /// Where the table of entry offsets starts.
+    table: usize,
+}
+
+/// An entry as it lies in a block.
+enum Borrowed<'b> {
+    Record(&'b [u8]),
+    Tombstone,
+}
+
+impl Borrowed<'_> {
+    fn owned(&self) -> Entry {
+        match self {
+            Borrowed::Record(v) => Entry::Record(v.to_vec()),
+            Borrowed::Tombstone => Entry::Tombstone,
+        }
+    }
+}
+
+impl Block<'_> {
+    /// The `j`th entry's key and value.
+    fn entry(&self, j: usize) -> Result<(&[u8], Borrowed<'_>)> {
+        let bad = || corrupted(&self.run.path, "entry out of its block's bounds");
+        let at = u32_at(&self.bytes, self.table + 4 * j).ok_or_else(bad)? as usize;
+        let (Some(key_len), Some(value_len)) =
+            (u32_at(&self.bytes, at), u32_at(&self.bytes, at + 4))
+        else {
+            return Err(bad());
+        };
+        let key_end = (at + 8)
+            .checked_add(key_len as usize)
+            .filter(|&end| end <= self.table)
+            .ok_or_else(bad)?;
+        let key = &self.bytes[at + 8..key_end];
+        if value_len == TOMBSTONE {
+            return Ok((key, Borrowed::Tombstone));
+        }
+        let value_end = key_end
+            .checked_add(value_len as usize)
+            .filter(|&end| end <= self.table)
+            .ok_or_else(bad)?;
+        Ok((key, Borrowed::Record(&self.bytes[key_end..value_end])))
+    }
+}
+
+/// A run's entries in key order (see [`Run::iter_from`]). After an error it ends.
+pub(crate) struct RunIter<'r> {
+    run: &'r Run,
+    next_block: usize,
+    current: Option<Block<'r>>,
+    position: usize,
+    /// Entries before this key are skipped (only in the first block read).
+    skip_before: Option<Vec<u8>>,
+    failed: bool,
+}
+
+impl Iterator for RunIter<'_> {
+    type Item = Result<(Vec<u8>, Entry)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.failed {
+            if let Some(block) = &self.current
+                && self.position < block.count
+            {
+                let j = self.position;
+                self.position += 1;
+                let (key, entry) = match block.entry(j) {
+                    Ok(found) => found,
+                    Err(e) => {
+                        self.failed = true;
+                        return Some(Err(e));
+                    }
+                };
+                if self.skip_before.as_deref().is_some_and(|start| key < start) {
+                    continue;
+                }
+                self.skip_before = None;
+                return Some(Ok((key.to_vec(), entry.owned())));
+            }
+            if self.next_block >= self.run.blocks.len() {
+                return None;
+            }
+            match self.run.read_block(self.next_block) {
+                Ok(block) => self.current = Some(block),
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+            }
+            self.next_block += 1;
+            self.position = 0;
+        }
+        None
+    }
+}
+
+/// Several runs' entries as one key-ordered sequence, `sources` newest first: a
+/// key's entry from the newest run that has one wins. With `drop_tombstones` (a
+/// merge whose output is the oldest data, so nothing older is left to shadow) the
+/// deleted keys are left out. After an error it ends.
+pub(crate) struct Merge<'r> {
+    sources: Vec<RunIter<'r>>,
+    /// Each source's next entry; filled at the first call of `next`.
+    heads: Vec<Option<(Vec<u8>, Entry)>>,
+    primed: bool,
+    drop_tombstones: bool,
+    failed: bool,
+}
+
+impl<'r> Merge<'r> {
+    pub(crate) fn new(sources: Vec<RunIter<'r>>, drop_tombstones: bool) -> Merge<'r> {
+        Merge {
+            heads: sources.iter().map(|_| None).collect(),
+            sources,
+            primed: false,
+            drop_tombstones,
+            failed: false,
+        }
+    }
+
+    fn refill(&mut self, i: usize) -> Result<()> {
+        self.heads[i] = self.sources[i].next().transpose()?;
+        Ok(())
+    }
+
+    fn step(&mut self) -> Result<Option<(Vec<u8>, Entry)>> {
+        if !self.primed {
+            self.primed = true;
+            for i in 0..self.sources.len() {
+                self.refill(i)?;
+            }
+        }
+        loop {
+            // The smallest key; among equal keys the newest source's (first found).
+            let mut winner: Option<usize> = None;
+            for (i, head) in self.heads.iter().enumerate() {
+                if let Some((key, _)) = head
+                    && winner.is_none_or(|w| {
+                        key < &self.heads[w].as_ref().expect("a winner has a head").0
+                    })
+                {
+                    winner = Some(i);
+                }
+            }
+            let Some(w) = winner else {
+                return Ok(None);
+            };
+            let (key, entry) = self.heads[w].take().expect("the winner has a head");
+            self.refill(w)?;
+            // Older sources' entries for the same key are shadowed.
+            for i in w + 1..self.sources.len() {
+                if self.heads[i].as_ref().is_some_and(|(k, _)| *k == key) {
+                    self.refill(i)?;
+                }
+            }
+            if self.drop_tombstones && entry == Entry::Tombstone {
+                continue;
+            }
+            return Ok(Some((key, entry)));
+        }
+    }
+}
+
+impl Iterator for Merge<'_> {
+    type Item = Result<(Vec<u8>, Entry)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        let next = self.step().transpose();
+        self.failed = matches!(next, Some(Err(_)));
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::collection::{btree_map, vec};
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn key(n: u32) -> Vec<u8> {
+        format!("kv\0ctx\0fam\0{n:016}").into_bytes()
+    }
+
+    fn write(path: &Path, entries: &BTreeMap<Vec<u8>, Entry>) -> Run {
+        let mut writer = RunWriter::create(path).unwrap();
+        for (k, e) in entries {
+            writer.add(k, e).unwrap();
+        }
+        writer.finish(true).unwrap()
+    }
+
+    fn entries() -> impl Strategy<Value = Entry> {
+        prop_oneof![
+            1 => Just(Entry::Tombstone),
+            4 => vec(any::<u8>(), 0..600).prop_map(Entry::Record),
+        ]
+    }
+
+    fn all(iter: impl Iterator<Item = Result<(Vec<u8>, Entry)>>) -> Vec<(Vec<u8>, Entry)> {
+        iter.map(Result::unwrap).collect()
+    }
+
+    fn is_corrupted<T>(r: Result<T>) -> bool {
+        matches!(r, Err(StoreError::Corrupted(_)))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        #[test]
+        fn a_run_reads_back_what_was_written(
+            written in btree_map(0u32..5_000, entries(), 0..800),
+            probes in vec(0u32..5_200, 40),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let model: BTreeMap<_, _> = written.into_iter().map(|(n, e)| (key(n), e)).collect();
+            let path = dir.path().join("run");
+            let fresh = write(&path, &model);
+            let reopened = Run::open(&path).unwrap();
+            for run in [&fresh, &reopened] {
+                prop_assert_eq!(run.entries(), model.len() as u64);
+                for (k, e) in &model {
+                    let got = run.get(k).unwrap();
+                    prop_assert_eq!(got.as_ref(), Some(e));
+                }
+                for &n in &probes {
+                    let k = key(n);
+                    prop_assert_eq!(run.get(&k).unwrap(), model.get(&k).cloned());
+                    let want: Vec<_> =
+                        model.range(k.clone()..).map(|(k, e)| (k.clone(), e.clone())).collect();
+                    prop_assert_eq!(all(run.iter_from(&k)), want);
+                }
+            }
+        }
+
+        #[test]
+        fn a_merge_keeps_each_keys_newest_entry(
+            runs in vec(btree_map(0u32..300, entries(), 0..200), 1..5),
+            drop_tombstones in any::<bool>(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            // `runs[0]` is the newest.
+            let runs: Vec<BTreeMap<_, _>> = runs
+                .into_iter()
+                .map(|r| r.into_iter().map(|(n, e)| (key(n), e)).collect())
+                .collect();
+            let mut model = BTreeMap::new();
+            for run in runs.iter().rev() {
+                model.extend(run.clone());
+            }
+            if drop_tombstones {
+                model.retain(|_, e| *e != Entry::Tombstone);
+            }
+            let opened: Vec<Run> = runs
+                .iter()
+                .enumerate()
+                .map(|(i, r)| write(&dir.path().join(format!("run{i}")), r))
+                .collect();
+            let merged = all(Merge::new(opened.iter().map(|r| r.iter_from(b"")).collect(), drop_tombstones));
+            prop_assert_eq!(&merged, &model.into_iter().collect::<Vec<_>>());
+            // Written out as one run, the merge reads back the same.
+            let mut writer = RunWriter::create(&dir.path().join("merged")).unwrap();
+            for (k, e) in &merged {
+                writer.add(k, e).unwrap();
+            }
+            let out = writer.finish(false).unwrap();
+            prop_assert_eq!(all(out.iter_from(b"")), merged);
+        }
+    }
+
+    #[test]
+    fn large_entries_empty_runs_and_empty_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut model = BTreeMap::new();
+        model.insert(Vec::new(), Entry::Record(b"empty key".to_vec()));
+        model.insert(key(1), Entry::Record(vec![7; 3 * BLOCK_TARGET]));
+        model.insert(key(2), Entry::Tombstone);
+        model.insert(key(3), Entry::Record(Vec::new()));
+        let path = dir.path().join("big");
+        write(&path, &model);
+        let run = Run::open(&path).unwrap();
+        assert_eq!(
+            all(run.iter_from(b"")),
+            model.into_iter().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            run.blocks.len(),
+            3,
+            "the large entry has a block of its own"
+        );
+
+        let path = dir.path().join("empty");
+        write(&path, &BTreeMap::new());
+        let run = Run::open(&path).unwrap();
+        assert_eq!(run.entries(), 0);
+        assert_eq!(run.get(b"anything").unwrap(), None);
+        assert!(all(run.iter_from(b"")).is_empty());
+    }
+
+    #[test]
+    fn keys_out_of_order_and_existing_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run");
+        let mut writer = RunWriter::create(&path).unwrap();
+        writer.add(b"b", &Entry::Tombstone).unwrap();
+        assert!(is_corrupted(writer.add(b"a", &Entry::Tombstone)));
+        assert!(is_corrupted(writer.add(b"b", &Entry::Tombstone)));
+        writer.add(b"c", &Entry::Tombstone).unwrap();
+        writer.finish(false).unwrap();
+        assert!(matches!(RunWriter::create(&path), Err(StoreError::Io(_))));
+    }
+
+    #[test]
+    fn damaged_runs_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run");
+        let model: BTreeMap<_, _> = (0..2_000)
+            .map(|n| (key(n), Entry::Record(vec![n as u8; 200])))
+            .collect();
+        write(&path, &model);
+        let good = std::fs::read(&path).unwrap();
+        let damaged = |name: &str, change: &dyn Fn(&mut Vec<u8>)| {
+            let mut bytes = good.clone();
+            change(&mut bytes);
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        // A flipped bit in the first block: opening works (the block is read only
+        // when asked for), reading it is refused, by lookups and by iteration.
+        let p = damaged("block", &|b| b[100] ^= 1);
+        let run = Run::open(&p).unwrap();
+        assert!(is_corrupted(run.get(&key(0))));
+        let mut iter = run.iter_from(b"");
+        assert!(is_corrupted(iter.next().unwrap()));
+        assert!(iter.next().is_none(), "an iterator ends after its error");
+        assert_eq!(
+            run.get(&key(1_999)).unwrap(),
+            model.get(&key(1_999)).cloned()
+        );
+        // Torn at the end, a damaged index or filter, another kind of file.
+        let len = good.len();
+        let index_at = u64_at(&good, len - FOOTER_LEN + 20).unwrap() as usize;
+        let bloom_at = u64_at(&good, len - FOOTER_LEN + 32).unwrap() as usize;
+        for p in [
+            damaged("torn", &|b| b.truncate(len - 1)),
+            damaged("index", &|b| b[index_at + 3] ^= 0x10),
+            damaged("filter", &|b| b[bloom_at + 5] ^= 0x10),
+            damaged("footer", &|b| b[len - 10] ^= 1),
+            damaged("short", &|b| b.truncate(20)),
+            damaged("other", &|b| b.iter_mut().for_each(|x| *x = b'x')),
+        ] {
+            assert!(is_corrupted(Run::open(&p)), "{}", p.display());
+        }
+    }
+
+    #[test]
+    fn the_filter_answers_absent_for_most_absent_keys() {
+        let hashes: Vec<u64> = (0..10_000).map(|n| key_hash(&key(n))).collect();
+        let bloom = Bloom::build(&hashes);
+        assert!(hashes.iter().all(|&h| bloom.may_contain(h)));
+        let false_positives = (10_000..20_000)
+            .filter(|&n| bloom.may_contain(key_hash(&key(n))))
+            .count();
+        // About 1 % at 10 bits per key; a broken hash or probe sequence gives far more.
+        assert!(false_positives < 300, "{false_positives} of 10,000");
+    }
+}
