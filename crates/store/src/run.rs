@@ -34,6 +34,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const MAGIC: &[u8; 8] = b"AMPHRUN\0";
 const VERSION: u32 = 1;
@@ -646,6 +647,144 @@ impl Iterator for Merge<'_> {
     }
 }
 
+/// A run in a [`RunSet`], with what the merge policy needs to know of it.
+pub(crate) struct Member {
+    /// Orders the runs of a set: a higher id holds newer entries. A merge's output
+    /// takes its newest input's id.
+    pub(crate) id: u64,
+    /// 0 for a run a checkpoint wrote; a merge of runs of tier `t` writes one of
+    /// tier `t + 1`.
+    pub(crate) tier: u32,
+    pub(crate) run: Run,
+}
+
+/// A store's runs as readers see them, newest first. Immutable: a checkpoint
+/// ([`RunSet::with`]) or a merge ([`RunSet::replace`]) makes a new set, and a
+/// reader keeps the one it started with (a merged run's file stays readable while
+/// an old set holds it open, even once it is deleted).
+#[derive(Clone, Default)]
+pub(crate) struct RunSet {
+    members: Vec<Arc<Member>>,
+}
+
+impl RunSet {
+    /// A set of these runs, in any order.
+    pub(crate) fn new(members: impl IntoIterator<Item = Member>) -> RunSet {
+        let mut members: Vec<_> = members.into_iter().map(Arc::new).collect();
+        members.sort_by_key(|m| std::cmp::Reverse(m.id));
+        RunSet { members }
+    }
+
+    /// The runs, newest first.
+    pub(crate) fn members(&self) -> &[Arc<Member>] {
+        &self.members
+    }
+
+    /// The record under `key`: the newest run's entry for it decides.
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        for member in &self.members {
+            match member.run.get(key)? {
+                Some(Entry::Record(record)) => return Ok(Some(record)),
+                Some(Entry::Tombstone) => return Ok(None),
+                None => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// The records from the first key not before `start`, in key order.
+    pub(crate) fn iter_from(
+        &self,
+        start: &[u8],
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> {
+        let sources = self
+            .members
+            .iter()
+            .map(|m| m.run.iter_from(start))
+            .collect();
+        Merge::new(sources, true).map(|item| {
+            item.map(|(key, entry)| match entry {
+                Entry::Record(record) => (key, record),
+                Entry::Tombstone => unreachable!("the merge drops tombstones"),
+            })
+        })
+    }
+
+    /// This set and a newer run.
+    pub(crate) fn with(&self, member: Member) -> RunSet {
+        debug_assert!(self.members.first().is_none_or(|m| m.id < member.id));
+        let mut members = Vec::with_capacity(self.members.len() + 1);
+        members.push(Arc::new(member));
+        members.extend(self.members.iter().cloned());
+        RunSet { members }
+    }
+
+    /// The merge the policy asks for next, as a range of [`RunSet::members`]:
+    /// `fanout` adjacent runs of one tier, from the lowest tier that has that many
+    /// side by side, the oldest of them.
+    pub(crate) fn next_merge(&self, fanout: usize) -> Option<std::ops::Range<usize>> {
+        let fanout = fanout.max(2);
+        let mut best: Option<(u32, std::ops::Range<usize>)> = None;
+        let mut end = self.members.len();
+        // Groups of adjacent runs of one tier, oldest group first.
+        while end > 0 {
+            let tier = self.members[end - 1].tier;
+            let mut start = end - 1;
+            while start > 0 && self.members[start - 1].tier == tier {
+                start -= 1;
+            }
+            if end - start >= fanout && best.as_ref().is_none_or(|(t, _)| tier < *t) {
+                best = Some((tier, end - fanout..end));
+            }
+            end = start;
+        }
+        best.map(|(_, range)| range)
+    }
+
+    /// Writes the merge of `inputs` (adjacent members of this set, newest first) to
+    /// a new run at `path`: a key's newest entry wins, and tombstones are dropped
+    /// when the oldest input is the oldest run of the set (nothing older is left for
+    /// them to hide).
+    pub(crate) fn merge(&self, inputs: &[Arc<Member>], path: &Path, sync: bool) -> Result<Member> {
+        let (Some(newest), Some(oldest)) = (inputs.first(), inputs.last()) else {
+            return Err(StoreError::Unavailable("a merge of no runs".into()));
+        };
+        let drop_tombstones = self.members.last().is_some_and(|m| m.id == oldest.id);
+        let sources = inputs.iter().map(|m| m.run.iter_from(b"")).collect();
+        let mut writer = RunWriter::create(path)?;
+        for item in Merge::new(sources, drop_tombstones) {
+            let (key, entry) = item?;
+            writer.add(&key, &entry)?;
+        }
+        Ok(Member {
+            id: newest.id,
+            tier: inputs.iter().map(|m| m.tier).max().unwrap_or(0) + 1,
+            run: writer.finish(sync)?,
+        })
+    }
+
+    /// This set with the runs `inputs` names (by id) replaced by their merge.
+    /// Runs added since the merge started stay; the inputs must still be here.
+    pub(crate) fn replace(&self, inputs: &[u64], output: Member) -> Result<RunSet> {
+        let Some(first) = self.members.iter().position(|m| inputs.contains(&m.id)) else {
+            return Err(StoreError::Unavailable("a merge's inputs are gone".into()));
+        };
+        let last = first + inputs.len();
+        if last > self.members.len()
+            || !self.members[first..last]
+                .iter()
+                .all(|m| inputs.contains(&m.id))
+        {
+            return Err(StoreError::Unavailable(
+                "a merge's inputs are not adjacent".into(),
+            ));
+        }
+        let mut members = self.members.clone();
+        members.splice(first..last, [Arc::new(output)]);
+        Ok(RunSet { members })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -742,6 +881,125 @@ mod tests {
             let out = writer.finish(false).unwrap();
             prop_assert_eq!(all(out.iter_from(b"")), merged);
         }
+    }
+
+    #[derive(Debug, Clone)]
+    enum SetOp {
+        /// A checkpoint writes these changes (key number -> entry) as a run.
+        Checkpoint(BTreeMap<u32, Entry>),
+        /// The policy's next merge, if it asks for one, with this fanout.
+        Merge(usize),
+    }
+
+    fn set_ops() -> impl Strategy<Value = SetOp> {
+        prop_oneof![
+            3 => btree_map(0u32..200, entries(), 0..60).prop_map(SetOp::Checkpoint),
+            2 => (2usize..4).prop_map(SetOp::Merge),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        #[test]
+        fn a_run_set_reads_as_the_changes_applied_in_order(ops in vec(set_ops(), 1..40)) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut set = RunSet::default();
+            let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+            let mut next_id = 1;
+            let mut files = 0;
+            let mut path = || {
+                files += 1;
+                dir.path().join(format!("{files}.run"))
+            };
+            for op in ops {
+                match op {
+                    SetOp::Checkpoint(changes) => {
+                        let changes: BTreeMap<_, _> =
+                            changes.into_iter().map(|(n, e)| (key(n), e)).collect();
+                        for (k, e) in &changes {
+                            match e {
+                                Entry::Record(r) => model.insert(k.clone(), r.clone()),
+                                Entry::Tombstone => model.remove(k),
+                            };
+                        }
+                        let run = write(&path(), &changes);
+                        set = set.with(Member { id: next_id, tier: 0, run });
+                        next_id += 1;
+                    }
+                    SetOp::Merge(fanout) => {
+                        let Some(range) = set.next_merge(fanout) else { continue };
+                        let inputs = set.members()[range].to_vec();
+                        prop_assert_eq!(inputs.len(), fanout);
+                        prop_assert!(inputs.iter().all(|m| m.tier == inputs[0].tier));
+                        let output = set.merge(&inputs, &path(), false).unwrap();
+                        // A checkpoint between the merge's start and its end stays.
+                        let late = write(&path(), &BTreeMap::new());
+                        set = set.with(Member { id: next_id, tier: 0, run: late });
+                        next_id += 1;
+                        let ids: Vec<u64> = inputs.iter().map(|m| m.id).collect();
+                        set = set.replace(&ids, output).unwrap();
+                    }
+                }
+                let got: Vec<_> = set.iter_from(b"").map(Result::unwrap).collect();
+                prop_assert_eq!(&got, &model.clone().into_iter().collect::<Vec<_>>());
+                for n in (0..200).step_by(7) {
+                    prop_assert_eq!(set.get(&key(n)).unwrap(), model.get(&key(n)).cloned());
+                }
+                // Newest first, by id.
+                prop_assert!(set.members().windows(2).all(|w| w[0].id > w[1].id));
+            }
+        }
+    }
+
+    #[test]
+    fn the_policy_merges_the_oldest_runs_of_the_lowest_tier() {
+        let dir = tempfile::tempdir().unwrap();
+        let member = |id: u64, tier: u32| Member {
+            id,
+            tier,
+            run: write(&dir.path().join(format!("{id}")), &BTreeMap::new()),
+        };
+        // Newest first: tiers 0 0 1 1 1 0 0 0 (ids 8..1).
+        let tiers = [0, 0, 0, 1, 1, 1, 0, 0];
+        let set = RunSet::new((1..=8).map(|id| member(id, tiers[id as usize - 1])));
+        let ids = |range: std::ops::Range<usize>| -> Vec<u64> {
+            set.members()[range].iter().map(|m| m.id).collect()
+        };
+        assert_eq!(
+            ids(set.next_merge(3).unwrap()),
+            [3, 2, 1],
+            "tier 0, the oldest group"
+        );
+        assert_eq!(
+            ids(set.next_merge(2).unwrap()),
+            [2, 1],
+            "the oldest two of it"
+        );
+        assert_eq!(set.next_merge(4), None, "no four side by side");
+        let set = RunSet::new((1..=3).map(|id| member(id + 10, 1)));
+        assert_eq!(set.next_merge(3).map(|r| r.len()), Some(3));
+    }
+
+    #[test]
+    fn replacing_inputs_that_are_gone_or_apart_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = std::cell::Cell::new(0);
+        let member = |id: u64| {
+            files.set(files.get() + 1);
+            let path = dir.path().join(files.get().to_string());
+            Member {
+                id,
+                tier: 0,
+                run: write(&path, &BTreeMap::new()),
+            }
+        };
+        let set = RunSet::new((1..=4).map(member));
+        assert!(set.replace(&[9], member(9)).is_err());
+        assert!(set.replace(&[4, 2], member(4)).is_err());
+        let merged = set.replace(&[3, 2], member(30)).unwrap();
+        let ids: Vec<u64> = merged.members().iter().map(|m| m.id).collect();
+        assert_eq!(ids, [4, 30, 1]);
     }
 
     #[test]
