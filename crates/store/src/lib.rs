@@ -15,6 +15,7 @@ use std::time::Duration;
 
 mod cache;
 mod error;
+mod kvruns;
 mod overlay;
 mod paced;
 pub mod redb;

@@ -30,11 +30,12 @@
 //! once redb holds all of it.
 
 use crate::redb::{
-    GRAVES, KV, LEASE_EXPIRY, LEASES, LOG, Stored, backend, check_compacted, compacted_in,
-    decode_event, lease_live, live_lease,
+    GRAVES, LEASE_EXPIRY, LEASES, LOG, Stored, backend, check_compacted, compacted_in,
+    decode_event, entries_in, lease_live, live_lease,
 };
+use crate::run::RunSet;
 use crate::{Event, KeyValue, Lease, LeaseId, Page, Result, Revision};
-use redb::{ReadOnlyTable, ReadTransaction, ReadableTableMetadata};
+use redb::{ReadOnlyTable, ReadTransaction};
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::{Arc, RwLock};
@@ -73,7 +74,7 @@ pub(crate) struct Changes {
     /// In order: a key can be attached and detached within one overlay.
     pub(crate) lease_keys: Vec<(LeaseId, Vec<u8>, bool)>,
     /// Entries added, less entries removed.
-    entries: i64,
+    pub(crate) entries: i64,
     /// About how much memory the changes take.
     pub(crate) bytes: usize,
 }
@@ -104,9 +105,10 @@ impl Changes {
     }
 }
 
-/// The redb snapshot an overlay starts from.
+/// The state an overlay starts from: a redb snapshot and the runs (`kvruns.rs`)
+/// that hold `kv` as of it.
 pub(crate) struct Base {
-    kv: ReadOnlyTable<&'static [u8], &'static [u8]>,
+    runs: Arc<RunSet>,
     log: ReadOnlyTable<u64, &'static [u8]>,
     graves: ReadOnlyTable<&'static [u8], u64>,
     leases: ReadOnlyTable<u64, (u64, u64)>,
@@ -117,12 +119,13 @@ pub(crate) struct Base {
 }
 
 impl Base {
-    pub(crate) fn open(txn: &ReadTransaction) -> Result<Arc<Base>> {
-        let kv = txn.open_table(KV).map_err(backend)?;
+    /// The base of `txn` and `runs`, taken together by the writer while nothing
+    /// else changes either.
+    pub(crate) fn open(txn: &ReadTransaction, runs: Arc<RunSet>) -> Result<Arc<Base>> {
         Ok(Arc::new(Base {
             compacted: compacted_in(txn)?,
-            entries: kv.len().map_err(backend)?,
-            kv,
+            entries: entries_in(txn)?,
+            runs,
             log: txn.open_table(LOG).map_err(backend)?,
             graves: txn.open_table(GRAVES).map_err(backend)?,
             leases: txn.open_table(LEASES).map_err(backend)?,
@@ -186,12 +189,7 @@ impl Overlay {
                 return Ok(changed.map(f));
             }
         }
-        Ok(self
-            .base
-            .kv
-            .get(key)
-            .map_err(backend)?
-            .map(|g| f(g.value())))
+        Ok(self.base.runs.get(key)?.map(|record| f(&record)))
     }
 
     fn grave(&self, key: &[u8]) -> Result<Option<Revision>> {
@@ -283,19 +281,14 @@ impl Overlay {
             );
         }
         let mut changed = changed.into_iter().peekable();
-        let mut base = self
-            .base
-            .kv
-            .range::<&[u8]>((start, Bound::Unbounded))
-            .map_err(backend)?
-            .peekable();
+        let mut base = crate::kvruns::range(&self.base.runs, start, prefix).peekable();
         let mut page = Page::default();
         loop {
             // The next key in order, from the changes where both have it.
             let base_key = match base.peek() {
-                Some(Ok((k, _))) => Some(k.value().to_vec()).filter(|k| k.starts_with(prefix)),
+                Some(Ok((k, _))) => Some(k).filter(|k| k.starts_with(prefix)).cloned(),
                 Some(Err(_)) => match base.next() {
-                    Some(Err(e)) => return Err(backend(e)),
+                    Some(Err(e)) => return Err(e),
                     _ => None,
                 },
                 None => None,
@@ -309,8 +302,8 @@ impl Overlay {
                     changed.next().expect("peeked")
                 }
                 (Some(b), _) => {
-                    let (_, v) = base.next().expect("peeked").map_err(backend)?;
-                    (b, Some(v.value().to_vec()))
+                    let (_, record) = base.next().expect("peeked")?;
+                    (b, Some(record))
                 }
                 (None, Some(_)) => changed.next().expect("peeked"),
             };

@@ -21,8 +21,11 @@
 //! in the entry cache (`cache.rs`) first, which the writer keeps exact around each
 //! publication.
 //!
+//! `kv` (key → create revision, mod revision, lease (0 = none), value) is not a
+//! redb table but sorted runs (`kvruns.rs`); a checkpoint writes the overlay's `kv`
+//! changes as one run and names it in the `runs` table in the same commit.
+//!
 //! Tables:
-//! - `kv`: key → create revision, mod revision, lease (0 = none), value;
 //! - `log`: revision → event (the change feed); each event also names the revision
 //!   of the previous event of the same key, so a key's history is a chain through
 //!   the log that starts at its entry (or its grave) and costs no index of its own;
@@ -30,9 +33,14 @@
 //!   still in the log (where a deleted key's history starts);
 //! - `leases`: lease → (ttl ms, expiry ms); `lease_expiry`: (expiry ms, lease) → ();
 //!   `lease_keys`: (lease, key) → ();
-//! - `meta`: "revision", "next_lease", "compacted" → u64.
+//! - `runs`: run id → (tier, file number), the manifest of `kv`'s runs;
+//! - `meta`: "revision", "next_lease", "compacted", "batch_seq", "entries" → u64.
+//!
+//! A database from before the runs has a `kv` table; the first open moves it into
+//! one run (`migrate_kv`).
 
 use crate::cache::EntryCache;
+use crate::kvruns::{KvWrite, Runs, RunsChange};
 use crate::overlay::{Base, Layer, Overlay, OverlayTables, Tables};
 use crate::wal::{Appender, Wal};
 use crate::{
@@ -40,21 +48,35 @@ use crate::{
     Page, Put, PutOutcome, Result, Revision, Store, StoreError, ValueGuard, now_ms,
 };
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-pub(crate) const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+/// Where `kv` was before it moved into runs (see `migrate_kv`).
+const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 pub(crate) const GRAVES: TableDefinition<&[u8], u64> = TableDefinition::new("graves");
 pub(crate) const LEASES: TableDefinition<u64, (u64, u64)> = TableDefinition::new("leases");
 pub(crate) const LEASE_EXPIRY: TableDefinition<(u64, u64), ()> =
     TableDefinition::new("lease_expiry");
 const LEASE_KEYS: TableDefinition<(u64, &[u8]), ()> = TableDefinition::new("lease_keys");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The meta value `name` in the snapshot `txn` (0 when it was never written).
+fn meta_in(txn: &redb::ReadTransaction, name: &str) -> Result<u64> {
+    let meta = txn.open_table(META).map_err(backend)?;
+    Ok(meta.get(name).map_err(backend)?.map_or(0, |g| g.value()))
+}
+
+/// How many entries the store holds as of the snapshot `txn`.
+pub(crate) fn entries_in(txn: &redb::ReadTransaction) -> Result<u64> {
+    meta_in(txn, "entries")
+}
 
 /// Tuning of the embedded engine.
 #[derive(Clone)]
@@ -111,6 +133,8 @@ pub struct RedbStore {
 
 struct Shared {
     db: Database,
+    /// `kv`'s runs (see kvruns.rs).
+    runs: Runs,
     events: broadcast::Sender<Event>,
     committed: AtomicU64,
     compacted: AtomicU64,
@@ -368,11 +392,13 @@ impl RedbStore {
             .set_cache_size(options.cache_bytes)
             .create_with_backend(file)
             .map_err(backend)?;
-        let (committed, compacted, next_lease, batch_seq) = {
+        let (committed, compacted, next_lease, batch_seq, runs) = {
             let txn = db.begin_write().map_err(backend)?;
+            let runs = Runs::open(&crate::kvruns::dir_beside(path), &txn)?;
+            let mut migration = runs.begin();
+            migrate_kv(&txn, &mut migration)?;
             let meta_values = {
                 // Create every table up front so readers never meet a missing one.
-                txn.open_table(KV).map_err(backend)?;
                 txn.open_table(LOG).map_err(backend)?;
                 txn.open_table(GRAVES).map_err(backend)?;
                 txn.open_table(LEASES).map_err(backend)?;
@@ -393,12 +419,16 @@ impl RedbStore {
                     get("batch_seq")?,
                 )
             };
+            migration.sync()?;
             txn.commit().map_err(backend)?;
-            meta_values
+            migration.committed(true);
+            let (committed, compacted, next_lease, batch_seq) = meta_values;
+            (committed, compacted, next_lease, batch_seq, runs)
         };
         let (events, _) = broadcast::channel(4096);
         let shared = Arc::new(Shared {
             db,
+            runs,
             events,
             committed: AtomicU64::new(committed),
             compacted: AtomicU64::new(compacted),
@@ -469,14 +499,15 @@ impl RedbStore {
         self.shared.db.begin_read().map_err(backend)
     }
 
-    /// The entry under `key` in redb's latest commit.
+    /// The entry under `key` in redb's latest commit (with no overlay published).
     fn get_committed(&self, key: &[u8]) -> Result<Option<KeyValue>> {
-        let txn = self.read()?;
-        let kv = txn.open_table(KV).map_err(backend)?;
-        let Some(guard) = kv.get(key).map_err(backend)? else {
+        // The runs before the snapshot: a change committed between the two reads
+        // shows as a read of the entry a moment before it (see kvruns.rs).
+        let Some(record) = self.shared.runs.snapshot().get(key)? else {
             return Ok(None);
         };
-        let stored = Stored::decode(guard.value())?;
+        let txn = self.read()?;
+        let stored = Stored::decode(&record)?;
         let mut found = stored.to_key_value(key);
         if stored.lease != 0 {
             let leases = txn.open_table(LEASES).map_err(backend)?;
@@ -517,11 +548,7 @@ impl RedbStore {
 
 /// The last revision compaction removed from the history of the snapshot `txn`.
 pub(crate) fn compacted_in(txn: &redb::ReadTransaction) -> Result<Revision> {
-    let meta = txn.open_table(META).map_err(backend)?;
-    Ok(meta
-        .get("compacted")
-        .map_err(backend)?
-        .map_or(0, |g| g.value()))
+    meta_in(txn, "compacted")
 }
 
 /// [`StoreError::Compacted`] when history up to `compacted` no longer holds the
@@ -563,8 +590,8 @@ impl Store for RedbStore {
         if let Some(overlay) = self.overlay() {
             return overlay.range(prefix, after, limit, now_ms());
         }
+        let runs = self.shared.runs.snapshot();
         let txn = self.read()?;
-        let kv = txn.open_table(KV).map_err(backend)?;
         let leases = txn.open_table(LEASES).map_err(backend)?;
         let now = now_ms();
         let start = match after {
@@ -572,15 +599,12 @@ impl Store for RedbStore {
             _ => std::ops::Bound::Included(prefix),
         };
         let mut page = Page::default();
-        for item in kv
-            .range::<&[u8]>((start, std::ops::Bound::Unbounded))
-            .map_err(backend)?
-        {
-            let (k, v) = item.map_err(backend)?;
-            if !k.value().starts_with(prefix) {
+        for item in crate::kvruns::range(&runs, start, prefix) {
+            let (key, record) = item?;
+            if !key.starts_with(prefix) {
                 break;
             }
-            let stored = Stored::decode(v.value())?;
+            let stored = Stored::decode(&record)?;
             let expires = match stored.lease {
                 0 => None,
                 id => match lease_live(&leases, id, now)? {
@@ -592,7 +616,7 @@ impl Store for RedbStore {
                 page.more = true;
                 break;
             }
-            let mut found = stored.to_key_value(k.value());
+            let mut found = stored.to_key_value(&key);
             found.lease_expires_at_ms = expires;
             page.items.push(found);
         }
@@ -617,13 +641,13 @@ impl Store for RedbStore {
         if let Some(overlay) = self.overlay() {
             return overlay.history(key, limit);
         }
+        let record = self.shared.runs.snapshot().get(key)?;
         let txn = self.read()?;
-        let kv = txn.open_table(KV).map_err(backend)?;
         let graves = txn.open_table(GRAVES).map_err(backend)?;
         let log = txn.open_table(LOG).map_err(backend)?;
         // The newest event: the entry's last change, or its deletion.
-        let newest = match kv.get(key).map_err(backend)? {
-            Some(g) => Stored::decode(g.value())?.modified,
+        let newest = match record {
+            Some(record) => Stored::decode(&record)?.modified,
             None => graves
                 .get(key)
                 .map_err(backend)?
@@ -672,9 +696,7 @@ impl Store for RedbStore {
         if let Some(overlay) = self.overlay() {
             return Ok(overlay.entry_count());
         }
-        let txn = self.read()?;
-        let kv = txn.open_table(KV).map_err(backend)?;
-        kv.len().map_err(backend)
+        entries_in(&self.read()?)
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<Lease> {
@@ -894,7 +916,7 @@ impl Checkpointer {
                 loop {
                     match job_rx.recv_timeout(idle) {
                         Ok(job) => {
-                            let result = commit_checkpoint(&shared.db, &job);
+                            let result = commit_checkpoint(&shared, &job);
                             drop(job.wake);
                             if done_tx.send(result).is_err() {
                                 break;
@@ -907,6 +929,11 @@ impl Checkpointer {
                             }
                         }
                         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                    // At most one merge between two checkpoints: each takes 4 runs
+                    // of a tier, and a checkpoint adds one run.
+                    if let Err(e) = merge_runs(&shared) {
+                        tracing::warn!(error = %e, "merging runs failed; the runs stay as they are");
                     }
                 }
             })
@@ -942,17 +969,79 @@ impl Checkpointer {
 /// batch durable in the B-tree: redb's default durability, which writes every
 /// buffered page and fsyncs (paced, see paced.rs). Otherwise the commit only makes
 /// the changes redb's: readers see them, the log still holds them.
-fn commit_checkpoint(db: &Database, job: &CheckpointJob) -> Result<()> {
-    let mut txn = db.begin_write().map_err(backend)?;
+fn commit_checkpoint(shared: &Shared, job: &CheckpointJob) -> Result<()> {
+    let mut runs = shared.runs.begin();
+    let mut txn = shared.db.begin_write().map_err(backend)?;
     if !job.durable {
         txn.set_durability(redb::Durability::None)
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
     }
     if let Some(changes) = &job.changes {
-        RedbTables::open(&txn)?.apply(&crate::overlay::read(changes))?;
+        apply_layer(&txn, &mut runs, &crate::overlay::read(changes))?;
     }
     write_meta(&txn, job.revision, job.next_lease, job.seq, None)?;
-    txn.commit().map_err(backend)
+    if job.durable {
+        runs.sync()?;
+    }
+    txn.commit().map_err(backend)?;
+    runs.committed(job.durable);
+    Ok(())
+}
+
+/// Applies an overlay layer's changes in `txn`: its `kv` changes as a new run, the
+/// rest to redb's tables.
+fn apply_layer(
+    txn: &redb::WriteTransaction,
+    runs: &mut RunsChange,
+    changes: &crate::overlay::Changes,
+) -> Result<()> {
+    RedbTables::open(txn, runs.set().clone())?.apply(changes)?;
+    runs.add(txn, crate::kvruns::changes(&changes.kv))?;
+    crate::kvruns::add_entries(txn, changes.entries)
+}
+
+/// Moves a `kv` table written before runs held it (this store's format until
+/// 2026-12-07) into one run, in the transaction that opens the store.
+fn migrate_kv(txn: &redb::WriteTransaction, runs: &mut RunsChange) -> Result<()> {
+    let mut tables = txn.list_tables().map_err(backend)?;
+    if !tables.any(|t| t.name() == KV.name()) {
+        return Ok(());
+    }
+    let count = {
+        let kv = txn.open_table(KV).map_err(backend)?;
+        let count = kv.len().map_err(backend)?;
+        if count > 0 {
+            let rows = kv.iter().map_err(backend)?.map(|row| {
+                let (k, v) = row.map_err(backend)?;
+                Ok((k.value().to_vec(), Some(v.value().to_vec())))
+            });
+            runs.add(txn, rows)?;
+            tracing::info!(entries = count, "moved the kv table into a run");
+        }
+        count
+    };
+    txn.delete_table(KV).map_err(backend)?;
+    crate::kvruns::add_entries(txn, count as i64)
+}
+
+/// Runs the merge of runs the policy asks for, if it asks for one (on the
+/// checkpoint thread, between checkpoints).
+fn merge_runs(shared: &Shared) -> Result<()> {
+    let set = shared.runs.snapshot();
+    let Some(range) = set.next_merge(crate::kvruns::FANOUT) else {
+        return Ok(());
+    };
+    let inputs = set.members()[range].to_vec();
+    let (file, path) = shared.runs.allocate();
+    let output = set.merge(&inputs, file, &path, false)?;
+    let mut runs = shared.runs.begin();
+    let mut txn = shared.db.begin_write().map_err(backend)?;
+    txn.set_durability(redb::Durability::None)
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    runs.replace(&txn, &inputs, output)?;
+    txn.commit().map_err(backend)?;
+    runs.committed(false);
+    Ok(())
 }
 
 fn write_meta(
@@ -972,9 +1061,10 @@ fn write_meta(
     Ok(())
 }
 
-/// Tables of the current write transaction.
+/// Tables of the current write transaction, with `kv` read through to the runs
+/// and its changes kept for one run at commit.
 struct RedbTables<'t> {
-    kv: redb::Table<'t, &'static [u8], &'static [u8]>,
+    kv: KvWrite,
     log: redb::Table<'t, u64, &'static [u8]>,
     graves: redb::Table<'t, &'static [u8], u64>,
     leases: redb::Table<'t, u64, (u64, u64)>,
@@ -983,9 +1073,9 @@ struct RedbTables<'t> {
 }
 
 impl<'t> RedbTables<'t> {
-    fn open(txn: &'t redb::WriteTransaction) -> Result<Self> {
+    fn open(txn: &'t redb::WriteTransaction, runs: Arc<crate::run::RunSet>) -> Result<Self> {
         Ok(RedbTables {
-            kv: txn.open_table(KV).map_err(backend)?,
+            kv: KvWrite::new(runs),
             log: txn.open_table(LOG).map_err(backend)?,
             graves: txn.open_table(GRAVES).map_err(backend)?,
             leases: txn.open_table(LEASES).map_err(backend)?,
@@ -994,15 +1084,8 @@ impl<'t> RedbTables<'t> {
         })
     }
 
-    /// Applies an overlay's changes.
+    /// Applies an overlay's changes but those of `kv` (see `apply_layer`).
     fn apply(&mut self, changes: &crate::overlay::Changes) -> Result<()> {
-        for (key, record) in &changes.kv {
-            match record {
-                Some(r) => self.kv.insert(key.as_slice(), r.as_slice()).map(|_| ()),
-                None => self.kv.remove(key.as_slice()).map(|_| ()),
-            }
-            .map_err(backend)?;
-        }
         for (revision, event) in &changes.log {
             self.log
                 .insert(revision, event.as_slice())
@@ -1034,17 +1117,17 @@ impl<'t> RedbTables<'t> {
 
 impl Tables for RedbTables<'_> {
     fn kv_with<R>(&self, key: &[u8], f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
-        Ok(self.kv.get(key).map_err(backend)?.map(|g| f(g.value())))
+        self.kv.with(key, f)
     }
 
-    fn kv_insert(&mut self, key: &[u8], record: Vec<u8>, _existed: bool) -> Result<()> {
-        self.kv.insert(key, record.as_slice()).map_err(backend)?;
+    fn kv_insert(&mut self, key: &[u8], record: Vec<u8>, existed: bool) -> Result<()> {
+        self.kv.insert(key, record, existed);
         Ok(())
     }
 
     fn kv_remove(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        match self.kv.remove(key).map_err(backend)? {
-            Some(guard) => Ok(Some(Stored::decode(guard.value())?.value.to_vec())),
+        match self.kv.remove(key)? {
+            Some(record) => Ok(Some(Stored::decode(&record)?.value.to_vec())),
             None => Ok(None),
         }
     }
@@ -1101,7 +1184,7 @@ impl Tables for RedbTables<'_> {
     reason = "one lives on the writer's stack per batch, and is moved once"
 )]
 enum Staged<'o> {
-    Redb(Box<redb::WriteTransaction>),
+    Redb(Box<redb::WriteTransaction>, RunsChange<'o>),
     Overlay(&'o Overlay, crate::overlay::Changes),
 }
 
@@ -1172,10 +1255,13 @@ impl Writer {
             let deferred = std::mem::take(&mut self.deferred);
             self.commit_batch(deferred);
         }
-        if let Err(e) = self.flush().and_then(|()| self.checkpoint()) {
+        // The checkpoint thread stops first (after the merge it may be running), so
+        // that the final durable checkpoint holds everything it did.
+        let flushed = self.flush();
+        self.checkpointer.stop();
+        if let Err(e) = flushed.and_then(|()| self.checkpoint()) {
             tracing::error!(error = %e, "final checkpoint failed; the write-ahead log keeps every write");
         }
-        self.checkpointer.stop();
         rx.close();
         while let Ok(late) = rx.try_recv() {
             let _ = late
@@ -1393,11 +1479,7 @@ impl Writer {
             }
             // Readers that still hold the old overlay see the same state: the frozen
             // layer is in redb now.
-            let overlay = Arc::new(Overlay::new(
-                Base::open(&self.read_base()?)?,
-                None,
-                old.current.clone(),
-            ));
+            let overlay = Arc::new(Overlay::new(self.base()?, None, old.current.clone()));
             self.shared.publish(Some(overlay.clone()));
             self.overlay = Some(overlay);
             Ok(())
@@ -1421,22 +1503,28 @@ impl Writer {
         let Some(overlay) = self.overlay.clone() else {
             return Ok(());
         };
-        let mut txn = self.shared.db.begin_write().map_err(backend)?;
+        let shared = self.shared.clone();
+        let mut runs = shared.runs.begin();
+        let mut txn = shared.db.begin_write().map_err(backend)?;
         txn.set_durability(redb::Durability::None)
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        RedbTables::open(&txn)?.apply(&crate::overlay::read(&overlay.current))?;
+        apply_layer(&txn, &mut runs, &crate::overlay::read(&overlay.current))?;
         write_meta(&txn, self.revision, self.next_lease, self.seq, None)?;
         if let Err(e) = txn.commit() {
             self.poisoned = true;
             return Err(backend(e));
         }
+        runs.committed(false);
         self.shared.publish(None);
         self.overlay = None;
         Ok(())
     }
 
-    fn read_base(&self) -> Result<redb::ReadTransaction> {
-        self.shared.db.begin_read().map_err(backend)
+    /// The base of a new overlay: redb and the runs as the writer's last commit
+    /// left them.
+    fn base(&self) -> Result<Arc<Base>> {
+        let txn = self.shared.db.begin_read().map_err(backend)?;
+        Base::open(&txn, self.shared.runs.snapshot())
     }
 
     /// Makes every committed batch durable in the B-tree, then empties the log, here
@@ -1446,7 +1534,7 @@ impl Writer {
             .switch()
             .map_err(|e| StoreError::Io(format!("switching the write-ahead log: {e}")))?;
         commit_checkpoint(
-            &self.shared.db,
+            &self.shared,
             &CheckpointJob {
                 changes: None,
                 revision: self.revision,
@@ -1481,7 +1569,17 @@ impl Writer {
                 self.shared.compacted.store(c, Ordering::Release);
             }
             replayed += 1;
+            // Replayed puts go to the overlay, as they did when they were logged;
+            // it is bounded the same way.
+            if self
+                .overlay
+                .as_ref()
+                .is_some_and(|o| o.bytes() as u64 >= self.options.checkpoint_bytes)
+            {
+                self.flush()?;
+            }
         }
+        self.flush()?;
         self.checkpoint()?;
         self.shared
             .committed
@@ -1509,7 +1607,8 @@ impl Writer {
         log: Option<Vec<u8>>,
     ) -> Result<(Vec<Result<Outcome>>, Option<Revision>)> {
         let logged = log.is_some();
-        let overlay = if logged && batch.iter().all(|op| overlay_can_take(op)) {
+        // Replayed batches too: a replay through redb would write a run per batch.
+        let overlay = if batch.iter().all(|op| overlay_can_take(op)) {
             Some(self.open_overlay()?)
         } else {
             self.flush()?;
@@ -1518,13 +1617,16 @@ impl Writer {
             }
             None
         };
+        let shared = self.shared.clone();
         let txn = match &overlay {
             Some(_) => None,
             None => {
-                let mut txn = self.shared.db.begin_write().map_err(backend)?;
+                // The runs first: see `Runs::begin`.
+                let runs = shared.runs.begin();
+                let mut txn = shared.db.begin_write().map_err(backend)?;
                 txn.set_durability(redb::Durability::None)
                     .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-                Some(txn)
+                Some((txn, runs))
             }
         };
         // The log append and its fsync run on the log's thread while this one decides
@@ -1534,9 +1636,12 @@ impl Writer {
         }
         let first_event = events.len();
         let applied = match (txn, &overlay) {
-            (Some(txn), _) => self
-                .apply_ops(&txn, batch, now, events)
-                .map(|(outcomes, compacted)| (outcomes, compacted, Staged::Redb(Box::new(txn)))),
+            (Some((txn, mut runs)), _) => {
+                self.apply_ops(&txn, &mut runs, batch, now, events)
+                    .map(|(outcomes, compacted)| {
+                        (outcomes, compacted, Staged::Redb(Box::new(txn), runs))
+                    })
+            }
             (None, Some(overlay)) => {
                 let mut t = OverlayTables::new(overlay);
                 self.run_ops(&mut t, batch, now, events, |_, _, _, _| {
@@ -1568,7 +1673,10 @@ impl Writer {
         let changed = || events[first_event..].iter().map(|e| e.key.as_slice());
         self.shared.cache.invalidate(changed());
         let published = match staged {
-            Staged::Redb(txn) => txn.commit().map_err(backend),
+            Staged::Redb(txn, runs) => txn
+                .commit()
+                .map_err(backend)
+                .map(|()| runs.committed(false)),
             Staged::Overlay(overlay, changes) => {
                 let bytes = overlay.merge(changes) as u64;
                 self.shared.overlay_batches.fetch_add(1, Ordering::Relaxed);
@@ -1590,11 +1698,7 @@ impl Writer {
         if let Some(overlay) = &self.overlay {
             return Ok(overlay.clone());
         }
-        let overlay = Arc::new(Overlay::new(
-            Base::open(&self.read_base()?)?,
-            None,
-            Layer::default(),
-        ));
+        let overlay = Arc::new(Overlay::new(self.base()?, None, Layer::default()));
         self.shared.publish(Some(overlay.clone()));
         self.overlay = Some(overlay.clone());
         Ok(overlay)
@@ -1635,29 +1739,34 @@ impl Writer {
     fn apply_ops(
         &mut self,
         txn: &redb::WriteTransaction,
+        runs: &mut RunsChange,
         batch: &[&Op],
         now: u64,
         events: &mut Vec<Event>,
     ) -> Result<(Vec<Result<Outcome>>, Option<Revision>)> {
         let mut compacted = None;
         let outcomes = {
-            let mut t = RedbTables::open(txn)?;
-            self.run_ops(&mut t, batch, now, events, |w, t, op, events| match op {
-                Op::Revoke(id) => w.revoke(t, *id, now, events).map(|_| Outcome::Done),
-                Op::Sweep => w.sweep(t, now, events).map(Outcome::Count),
-                Op::Compact(before) => w.compact(t, *before).map(|(n, c)| {
-                    compacted = c.or(compacted);
-                    Outcome::Count(n)
-                }),
-                Op::Put(_)
-                | Op::Delete(..)
-                | Op::Grant(_)
-                | Op::KeepAlive(_)
-                | Op::Shutdown
-                | Op::Wake => {
-                    unreachable!("run_ops decides these")
-                }
-            })?
+            let mut t = RedbTables::open(txn, runs.set().clone())?;
+            let outcomes =
+                self.run_ops(&mut t, batch, now, events, |w, t, op, events| match op {
+                    Op::Revoke(id) => w.revoke(t, *id, now, events).map(|_| Outcome::Done),
+                    Op::Sweep => w.sweep(t, now, events).map(Outcome::Count),
+                    Op::Compact(before) => w.compact(t, *before).map(|(n, c)| {
+                        compacted = c.or(compacted);
+                        Outcome::Count(n)
+                    }),
+                    Op::Put(_)
+                    | Op::Delete(..)
+                    | Op::Grant(_)
+                    | Op::KeepAlive(_)
+                    | Op::Shutdown
+                    | Op::Wake => {
+                        unreachable!("run_ops decides these")
+                    }
+                })?;
+            runs.add(txn, crate::kvruns::changes(&t.kv.pending))?;
+            crate::kvruns::add_entries(txn, t.kv.entries)?;
+            outcomes
         };
         write_meta(txn, self.revision, self.next_lease, self.seq, compacted)?;
         Ok((outcomes, compacted))

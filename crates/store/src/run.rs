@@ -1,7 +1,7 @@
 //! Sorted runs: immutable files of key-ordered entries.
 //!
-//! This is step 1 of moving `kv` out of redb (docs/design/put-path.md, "What the
-//! store must become"): no engine uses runs yet. A run is written once, front to
+//! `kvruns.rs` keeps the store's `kv` in runs (docs/design/put-path.md, "What the
+//! store must become"). A run is written once, front to
 //! back, from entries in strictly increasing key order, and never changed after;
 //! newer runs shadow older ones, and a merge replaces several runs by one. An entry
 //! is a record or a tombstone (the key was deleted after an older run stored it).
@@ -25,9 +25,6 @@
 //! would count in the server's RSS) and checks its CRC before trusting a byte of it.
 //! Every length read from the file is checked against what holds it, so a torn or
 //! damaged run is refused with [`StoreError::Corrupted`], never read out of bounds.
-
-// Used by the tests only until step 2 moves `kv` here.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use crate::{Result, StoreError};
 use std::fs::{File, OpenOptions};
@@ -156,6 +153,78 @@ struct BlockRef {
     first_key: Box<[u8]>,
 }
 
+/// The blocks' places and first keys, as an open run keeps them: the first keys'
+/// common prefix once, and the rest of each side by side (keys in one context and
+/// family share most of their bytes).
+struct Index {
+    prefix: Box<[u8]>,
+    rests: Vec<u8>,
+    /// Where each first key's rest ends in `rests`.
+    ends: Vec<u32>,
+    offsets: Vec<u64>,
+    lens: Vec<u32>,
+}
+
+impl Index {
+    fn new(blocks: &[BlockRef]) -> Index {
+        let prefix: Box<[u8]> = match (blocks.first(), blocks.last()) {
+            (Some(first), Some(last)) => {
+                let shared = first
+                    .first_key
+                    .iter()
+                    .zip(last.first_key.iter())
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                first.first_key[..shared].into()
+            }
+            _ => Box::default(),
+        };
+        let mut index = Index {
+            rests: Vec::new(),
+            ends: Vec::with_capacity(blocks.len()),
+            offsets: blocks.iter().map(|b| b.offset).collect(),
+            lens: blocks.iter().map(|b| b.len).collect(),
+            prefix,
+        };
+        for block in blocks {
+            // Sorted between the first and the last, every first key has the prefix.
+            index
+                .rests
+                .extend_from_slice(&block.first_key[index.prefix.len()..]);
+            index.ends.push(index.rests.len() as u32);
+        }
+        index
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn rest(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        &self.rests[start..self.ends[i] as usize]
+    }
+
+    /// How many blocks have a first key not after `key`.
+    fn not_after(&self, key: &[u8]) -> usize {
+        let Some(rest) = key.strip_prefix(&*self.prefix) else {
+            // Every first key starts with the prefix: all sort before `key`, or all
+            // after it.
+            return if key > &*self.prefix { self.len() } else { 0 };
+        };
+        let (mut low, mut high) = (0, self.len());
+        while low < high {
+            let mid = (low + high) / 2;
+            if self.rest(mid) <= rest {
+                low = mid + 1;
+            } else {
+                high = mid;
+            }
+        }
+        low
+    }
+}
+
 /// Writes a run. Entries must come in strictly increasing key order.
 pub(crate) struct RunWriter {
     path: PathBuf,
@@ -192,13 +261,18 @@ impl RunWriter {
 
     /// Appends an entry; its key must sort after the previous one's.
     pub(crate) fn add(&mut self, key: &[u8], entry: &Entry) -> Result<()> {
-        if !self.hashes.is_empty() && key <= self.last_key.as_slice() {
-            return Err(corrupted(&self.path, "keys added out of order"));
-        }
-        let value = match entry {
+        let record = match entry {
             Entry::Record(v) => Some(v.as_slice()),
             Entry::Tombstone => None,
         };
+        self.add_record(key, record)
+    }
+
+    /// [`RunWriter::add`] of a record, or of a tombstone for `None`.
+    pub(crate) fn add_record(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+        if !self.hashes.is_empty() && key <= self.last_key.as_slice() {
+            return Err(corrupted(&self.path, "keys added out of order"));
+        }
         let size = 8 + key.len() + value.map_or(0, <[u8]>::len);
         if size > MAX_ENTRY {
             return Err(corrupted(&self.path, "an entry of 1 GiB or more"));
@@ -296,8 +370,9 @@ impl RunWriter {
             path,
             file,
             entries: self.hashes.len() as u64,
-            blocks: self.blocks,
+            index: Index::new(&self.blocks),
             bloom,
+            last_key: self.last_key.into(),
         })
     }
 }
@@ -306,9 +381,14 @@ impl RunWriter {
 pub(crate) struct Run {
     path: PathBuf,
     file: File,
+    /// Records and tombstones (kept for tests; the footer has it).
+    #[cfg_attr(not(test), allow(dead_code))]
     entries: u64,
-    blocks: Vec<BlockRef>,
+    index: Index,
     bloom: Bloom,
+    /// The run's last key (empty for an empty run): lookups and scans past it
+    /// read nothing.
+    last_key: Box<[u8]>,
 }
 
 impl Run {
@@ -382,31 +462,65 @@ impl Run {
             .chunks_exact(8)
             .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
             .collect();
-        Ok(Run {
+        let mut run = Run {
             path: path.to_owned(),
             file,
             entries,
-            blocks,
+            index: Index::new(&blocks),
             bloom: Bloom { words },
-        })
+            last_key: Box::default(),
+        };
+        if let Some(last) = run.index.len().checked_sub(1) {
+            let block = run.read_block(last)?;
+            let key: Box<[u8]> = match block.count.checked_sub(1) {
+                Some(j) => block.entry(j)?.0.into(),
+                None => return Err(corrupted(path, "an empty block")),
+            };
+            run.last_key = key;
+        }
+        Ok(run)
+    }
+
+    /// Whether the run may hold a key from `start` on that starts with `prefix`
+    /// (without reading it: from its first and last keys).
+    fn may_hold(&self, start: &[u8], prefix: &[u8]) -> bool {
+        if self.index.len() == 0 || start > &*self.last_key {
+            return false;
+        }
+        // Past every key with the prefix: its first key is after the prefix and
+        // does not start with it.
+        let first = [&*self.index.prefix, self.index.rest(0)].concat();
+        first.starts_with(prefix) || first.as_slice() < prefix
     }
 
     /// How many entries (records and tombstones) the run holds.
+    #[cfg(test)]
     pub(crate) fn entries(&self) -> u64 {
         self.entries
     }
 
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes the file durable (its directory entry is the caller's business).
+    pub(crate) fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| io_error(&self.path, e))
+    }
+
     /// The run's entry for `key`, if it has one.
+    #[cfg(test)]
     pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
-        if !self.bloom.may_contain(key_hash(key)) {
+        self.get_hashed(key, key_hash(key))
+    }
+
+    /// [`Run::get`] with the key's hash already computed.
+    fn get_hashed(&self, key: &[u8], hash: u64) -> Result<Option<Entry>> {
+        if key > &*self.last_key || !self.bloom.may_contain(hash) {
             return Ok(None);
         }
         // The last block whose first key is not after `key`.
-        let Some(i) = self
-            .blocks
-            .partition_point(|b| &*b.first_key <= key)
-            .checked_sub(1)
-        else {
+        let Some(i) = self.index.not_after(key).checked_sub(1) else {
             return Ok(None);
         };
         let block = self.read_block(i)?;
@@ -425,10 +539,7 @@ impl Run {
 
     /// The entries from the first key not before `start`, in key order.
     pub(crate) fn iter_from(&self, start: &[u8]) -> RunIter<'_> {
-        let block = self
-            .blocks
-            .partition_point(|b| &*b.first_key <= start)
-            .saturating_sub(1);
+        let block = self.index.not_after(start).saturating_sub(1);
         RunIter {
             run: self,
             next_block: block,
@@ -440,10 +551,9 @@ impl Run {
     }
 
     fn read_block(&self, i: usize) -> Result<Block<'_>> {
-        let block = &self.blocks[i];
-        let mut bytes = vec![0; block.len as usize];
+        let mut bytes = vec![0; self.index.lens[i] as usize];
         self.file
-            .read_exact_at(&mut bytes, block.offset)
+            .read_exact_at(&mut bytes, self.index.offsets[i])
             .map_err(|e| io_error(&self.path, e))?;
         let body_len = checked(&bytes)
             .ok_or_else(|| corrupted(&self.path, format!("block {i} checksum")))?
@@ -550,7 +660,7 @@ impl Iterator for RunIter<'_> {
                 self.skip_before = None;
                 return Some(Ok((key.to_vec(), entry.owned())));
             }
-            if self.next_block >= self.run.blocks.len() {
+            if self.next_block >= self.run.index.len() {
                 return None;
             }
             match self.run.read_block(self.next_block) {
@@ -655,6 +765,8 @@ pub(crate) struct Member {
     /// 0 for a run a checkpoint wrote; a merge of runs of tier `t` writes one of
     /// tier `t + 1`.
     pub(crate) tier: u32,
+    /// The number its file is named by.
+    pub(crate) file: u64,
     pub(crate) run: Run,
 }
 
@@ -682,8 +794,9 @@ impl RunSet {
 
     /// The record under `key`: the newest run's entry for it decides.
     pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let hash = key_hash(key);
         for member in &self.members {
-            match member.run.get(key)? {
+            match member.run.get_hashed(key, hash)? {
                 Some(Entry::Record(record)) => return Ok(Some(record)),
                 Some(Entry::Tombstone) => return Ok(None),
                 None => {}
@@ -692,14 +805,18 @@ impl RunSet {
         Ok(None)
     }
 
-    /// The records from the first key not before `start`, in key order.
-    pub(crate) fn iter_from(
-        &self,
+    /// The records from the first key not before `start`, in key order; only
+    /// runs that may hold keys with `prefix` from there are read (the caller stops
+    /// at the first key without it).
+    pub(crate) fn iter_from<'s>(
+        &'s self,
         start: &[u8],
-    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> {
+        prefix: &[u8],
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + use<'s> {
         let sources = self
             .members
             .iter()
+            .filter(|m| m.run.may_hold(start, prefix))
             .map(|m| m.run.iter_from(start))
             .collect();
         Merge::new(sources, true).map(|item| {
@@ -745,7 +862,13 @@ impl RunSet {
     /// a new run at `path`: a key's newest entry wins, and tombstones are dropped
     /// when the oldest input is the oldest run of the set (nothing older is left for
     /// them to hide).
-    pub(crate) fn merge(&self, inputs: &[Arc<Member>], path: &Path, sync: bool) -> Result<Member> {
+    pub(crate) fn merge(
+        &self,
+        inputs: &[Arc<Member>],
+        file: u64,
+        path: &Path,
+        sync: bool,
+    ) -> Result<Member> {
         let (Some(newest), Some(oldest)) = (inputs.first(), inputs.last()) else {
             return Err(StoreError::Unavailable("a merge of no runs".into()));
         };
@@ -759,6 +882,7 @@ impl RunSet {
         Ok(Member {
             id: newest.id,
             tier: inputs.iter().map(|m| m.tier).max().unwrap_or(0) + 1,
+            file,
             run: writer.finish(sync)?,
         })
     }
@@ -838,8 +962,10 @@ mod tests {
                     let got = run.get(k).unwrap();
                     prop_assert_eq!(got.as_ref(), Some(e));
                 }
-                for &n in &probes {
-                    let k = key(n);
+                // Keys from the same family, and keys sorting before and after it.
+                let outside = [&b""[..], b"a", b"kv", b"kv\0ctx\0fam\0", b"kv\x01", b"zz"];
+                let probes = probes.iter().map(|&n| key(n)).chain(outside.iter().map(|k| k.to_vec()));
+                for k in probes {
                     prop_assert_eq!(run.get(&k).unwrap(), model.get(&k).cloned());
                     let want: Vec<_> =
                         model.range(k.clone()..).map(|(k, e)| (k.clone(), e.clone())).collect();
@@ -924,7 +1050,7 @@ mod tests {
                             };
                         }
                         let run = write(&path(), &changes);
-                        set = set.with(Member { id: next_id, tier: 0, run });
+                        set = set.with(Member { id: next_id, tier: 0, file: next_id, run });
                         next_id += 1;
                     }
                     SetOp::Merge(fanout) => {
@@ -932,19 +1058,35 @@ mod tests {
                         let inputs = set.members()[range].to_vec();
                         prop_assert_eq!(inputs.len(), fanout);
                         prop_assert!(inputs.iter().all(|m| m.tier == inputs[0].tier));
-                        let output = set.merge(&inputs, &path(), false).unwrap();
+                        let output = set.merge(&inputs, 0, &path(), false).unwrap();
                         // A checkpoint between the merge's start and its end stays.
                         let late = write(&path(), &BTreeMap::new());
-                        set = set.with(Member { id: next_id, tier: 0, run: late });
+                        set = set.with(Member { id: next_id, tier: 0, file: next_id, run: late });
                         next_id += 1;
                         let ids: Vec<u64> = inputs.iter().map(|m| m.id).collect();
                         set = set.replace(&ids, output).unwrap();
                     }
                 }
-                let got: Vec<_> = set.iter_from(b"").map(Result::unwrap).collect();
+                let got: Vec<_> = set.iter_from(b"", b"").map(Result::unwrap).collect();
                 prop_assert_eq!(&got, &model.clone().into_iter().collect::<Vec<_>>());
                 for n in (0..200).step_by(7) {
                     prop_assert_eq!(set.get(&key(n)).unwrap(), model.get(&key(n)).cloned());
+                }
+                // A scan of one prefix (keys 100-199) reads only the runs that may
+                // hold it, and misses nothing.
+                let prefix = &key(100)[..key(100).len() - 2];
+                for start in [prefix.to_vec(), key(150), key(199), key(250)] {
+                    let got: Vec<_> = set
+                        .iter_from(&start, prefix)
+                        .map(Result::unwrap)
+                        .take_while(|(k, _)| k.starts_with(prefix))
+                        .collect();
+                    let want: Vec<_> = model
+                        .range(start.clone()..)
+                        .take_while(|(k, _)| k.starts_with(prefix))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect();
+                    prop_assert_eq!(got, want);
                 }
                 // Newest first, by id.
                 prop_assert!(set.members().windows(2).all(|w| w[0].id > w[1].id));
@@ -958,6 +1100,7 @@ mod tests {
         let member = |id: u64, tier: u32| Member {
             id,
             tier,
+            file: id,
             run: write(&dir.path().join(format!("{id}")), &BTreeMap::new()),
         };
         // Newest first: tiers 0 0 1 1 1 0 0 0 (ids 8..1).
@@ -991,6 +1134,7 @@ mod tests {
             Member {
                 id,
                 tier: 0,
+                file: id,
                 run: write(&path, &BTreeMap::new()),
             }
         };
@@ -1017,11 +1161,7 @@ mod tests {
             all(run.iter_from(b"")),
             model.into_iter().collect::<Vec<_>>()
         );
-        assert_eq!(
-            run.blocks.len(),
-            3,
-            "the large entry has a block of its own"
-        );
+        assert_eq!(run.index.len(), 3, "the large entry has a block of its own");
 
         let path = dir.path().join("empty");
         write(&path, &BTreeMap::new());

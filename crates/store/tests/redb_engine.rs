@@ -459,12 +459,14 @@ async fn durable_checkpoints_follow_the_sync_interval() {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     // Once writes stop, the last of them reaches the B-tree durably without another
-    // write: redb's file alone, without the log, has it.
+    // write: redb's file and the runs alone, without the log, have it.
     let last = (i - 1).to_string().into_bytes();
     let started = std::time::Instant::now();
     loop {
-        let copy = tempfile::tempdir().unwrap();
-        std::fs::copy(dir.path().join("a.redb"), copy.path().join("a.redb")).unwrap();
+        let copy = crash(&dir);
+        for log in ["a.wal", "a.wal.1"] {
+            std::fs::remove_file(copy.path().join(log)).unwrap();
+        }
         let alone = RedbStore::open(&copy.path().join("a.redb"), RedbOptions::default()).unwrap();
         let value = alone.get(b"k").await.unwrap().map(|kv| kv.value);
         alone.close().await.unwrap();
@@ -730,12 +732,26 @@ async fn redb_replays_the_write_ahead_log_after_a_crash() {
     s.close().await.unwrap();
 }
 
-/// The crash: a copy of whatever the files of store `a` in `dir` hold now.
+/// The crash: a copy of whatever the files of store `a` in `dir` hold now. The
+/// runs directory is copied before and after the rest, so that the copy holds every
+/// run the copied database names, whichever way a checkpoint or merge meanwhile
+/// changed the directory (runs are never changed, only added and deleted).
 fn crash(dir: &tempfile::TempDir) -> tempfile::TempDir {
     let crashed = tempfile::tempdir().unwrap();
+    let runs = crashed.path().join("a.runs");
+    std::fs::create_dir(&runs).unwrap();
+    let copy_runs = || {
+        for entry in std::fs::read_dir(dir.path().join("a.runs")).unwrap() {
+            let entry = entry.unwrap();
+            // A run deleted between listing and copying was merged away.
+            let _ = std::fs::copy(entry.path(), runs.join(entry.file_name()));
+        }
+    };
+    copy_runs();
     for f in ["a.redb", "a.wal", "a.wal.1"] {
         std::fs::copy(dir.path().join(f), crashed.path().join(f)).unwrap();
     }
+    copy_runs();
     crashed
 }
 
@@ -901,4 +917,136 @@ async fn close_with_a_full_queue_finishes() {
             w.await.unwrap();
         }
     }
+}
+
+/// The `.run` files of store `a` in `dir`.
+fn run_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("a.runs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".run"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A database written before `kv` lived in runs (its entries in redb's `kv`
+/// table) opens with every entry, moved into one run, and stays so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_table_from_before_runs_is_moved_into_one() {
+    use amphora_store::Store;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.redb");
+    {
+        // The old layout: record = create, mod, lease (u64 BE each), then the value.
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let kv: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("kv");
+            let mut kv = txn.open_table(kv).unwrap();
+            for i in 1..=300u64 {
+                let mut record = Vec::new();
+                for field in [i, i, 0] {
+                    record.extend_from_slice(&field.to_be_bytes());
+                }
+                record.extend_from_slice(format!("value {i}").as_bytes());
+                kv.insert(format!("key{i:04}").as_bytes(), record.as_slice())
+                    .unwrap();
+            }
+            let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+            txn.open_table(meta)
+                .unwrap()
+                .insert("revision", 300)
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = RedbStore::open(&path, RedbOptions::default()).unwrap();
+    assert_eq!(store.entry_count().await.unwrap(), 300);
+    let kv = store.get(b"key0007").await.unwrap().unwrap();
+    assert_eq!((kv.value.as_slice(), kv.mod_revision), (&b"value 7"[..], 7));
+    let page = store.range(b"key", None, 1000).await.unwrap();
+    assert_eq!(page.items.len(), 300);
+    assert_eq!(store.revision().await.unwrap(), 300);
+    assert_eq!(run_files(dir.path()).len(), 1);
+    // Writes go on from there; reopened, all of it is still there.
+    store
+        .put(amphora_store::Put::new(
+            b"key0007".to_vec(),
+            b"new".to_vec(),
+            amphora_store::Condition::None,
+        ))
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+    drop(store);
+    let store = RedbStore::open(&path, RedbOptions::default()).unwrap();
+    assert_eq!(store.get(b"key0007").await.unwrap().unwrap().value, b"new");
+    assert_eq!(
+        store.get(b"key0008").await.unwrap().unwrap().value,
+        b"value 8"
+    );
+    assert_eq!(store.entry_count().await.unwrap(), 300);
+    store.close().await.unwrap();
+}
+
+/// Checkpoint after checkpoint adds a run; merges keep their number small, and the
+/// files they replaced are gone once a durable checkpoint no longer names them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_are_merged_and_the_merged_files_deleted() {
+    use amphora_store::{Condition, Put, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(&dir.path().join("a.redb"), constant_checkpoints()).unwrap();
+    for i in 0..400u32 {
+        // Every key twice: merges drop shadowed versions.
+        let key = format!("k{:03}", i % 200).into_bytes();
+        store
+            .put(Put::new(key, i.to_string().into_bytes(), Condition::None))
+            .await
+            .unwrap();
+    }
+    store.delete(b"k000", Condition::None).await.unwrap();
+    let before = State::of(&store).await;
+    let checkpoints = store.checkpoint_stats().checkpoints;
+    assert!(checkpoints > 50, "{checkpoints} checkpoints");
+    store.close().await.unwrap();
+    drop(store);
+    // A merge takes 4 runs of a tier: after hundreds of checkpoints a few tiers'
+    // worth are left, not one run per checkpoint.
+    let left = run_files(dir.path());
+    assert!(
+        left.len() <= 16,
+        "{} runs after {checkpoints} checkpoints",
+        left.len()
+    );
+    let store = RedbStore::open(&dir.path().join("a.redb"), RedbOptions::default()).unwrap();
+    assert_eq!(
+        run_files(dir.path()),
+        left,
+        "no file was left for the open to delete"
+    );
+    assert_eq!(State::of(&store).await, before);
+    store.close().await.unwrap();
+}
+
+/// A run file the manifest does not name (written after the last durable commit,
+/// say) is deleted at open; the store is as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_files_the_manifest_does_not_name_are_deleted_at_open() {
+    use amphora_store::{Condition, Put, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.redb");
+    let store = RedbStore::open(&path, RedbOptions::default()).unwrap();
+    store
+        .put(Put::new(b"k".to_vec(), b"v".to_vec(), Condition::None))
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+    drop(store);
+    let named = run_files(dir.path());
+    std::fs::write(dir.path().join("a.runs/00000000000000ff.run"), b"torn").unwrap();
+    let store = RedbStore::open(&path, RedbOptions::default()).unwrap();
+    assert_eq!(run_files(dir.path()), named);
+    assert_eq!(store.get(b"k").await.unwrap().unwrap().value, b"v");
+    store.close().await.unwrap();
 }
