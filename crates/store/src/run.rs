@@ -503,9 +503,14 @@ impl Run {
         &self.path
     }
 
-    /// Makes the file durable (its directory entry is the caller's business).
+    /// Makes the file durable (its directory entry is the caller's business),
+    /// written back in paced steps first (`paced.rs`): a durable checkpoint syncs
+    /// every run written since the last one, and the log's fsyncs must not queue
+    /// behind them all.
     pub(crate) fn sync(&self) -> Result<()> {
-        self.file.sync_data().map_err(|e| io_error(&self.path, e))
+        crate::paced::write_back(&self.file)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| io_error(&self.path, e))
     }
 
     /// The run's entry for `key`, if it has one.
