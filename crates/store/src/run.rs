@@ -146,11 +146,63 @@ impl Bloom {
     }
 }
 
-/// Where a block is and the first key it holds.
-struct BlockRef {
-    offset: u64,
-    len: u32,
-    first_key: Box<[u8]>,
+/// The blocks' places and first keys as a run is written or opened, side by side
+/// (a `Box` per key cost twice the memory while a large merge was written).
+#[derive(Default)]
+struct IndexBuilder {
+    keys: Vec<u8>,
+    /// Where each first key ends in `keys`.
+    key_ends: Vec<u32>,
+    offsets: Vec<u64>,
+    lens: Vec<u32>,
+}
+
+impl IndexBuilder {
+    fn push(&mut self, offset: u64, len: u32, first_key: &[u8]) {
+        self.keys.extend_from_slice(first_key);
+        self.key_ends.push(self.keys.len() as u32);
+        self.offsets.push(offset);
+        self.lens.push(len);
+    }
+
+    fn key(&self, i: usize) -> &[u8] {
+        let start = if i == 0 {
+            0
+        } else {
+            self.key_ends[i - 1] as usize
+        };
+        &self.keys[start..self.key_ends[i] as usize]
+    }
+
+    /// The index an open run keeps: the first keys' common prefix once.
+    fn build(self) -> Index {
+        let n = self.offsets.len();
+        let prefix: Box<[u8]> = match n {
+            0 => Box::default(),
+            _ => {
+                let (first, last) = (self.key(0), self.key(n - 1));
+                let shared = first.iter().zip(last).take_while(|(a, b)| a == b).count();
+                first[..shared].into()
+            }
+        };
+        // Sorted between the first and the last, every first key has the prefix.
+        let mut rests = Vec::with_capacity(self.keys.len() - n * prefix.len());
+        let mut ends = Vec::with_capacity(n);
+        for i in 0..n {
+            rests.extend_from_slice(&self.key(i)[prefix.len()..]);
+            ends.push(rests.len() as u32);
+        }
+        let (mut offsets, mut lens) = (self.offsets, self.lens);
+        offsets.shrink_to_fit();
+        lens.shrink_to_fit();
+        Index {
+            prefix,
+            rests,
+            ends,
+            offsets,
+            lens,
+        }
+    }
 }
 
 /// The blocks' places and first keys, as an open run keeps them: the first keys'
@@ -166,36 +218,6 @@ struct Index {
 }
 
 impl Index {
-    fn new(blocks: &[BlockRef]) -> Index {
-        let prefix: Box<[u8]> = match (blocks.first(), blocks.last()) {
-            (Some(first), Some(last)) => {
-                let shared = first
-                    .first_key
-                    .iter()
-                    .zip(last.first_key.iter())
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                first.first_key[..shared].into()
-            }
-            _ => Box::default(),
-        };
-        let mut index = Index {
-            rests: Vec::new(),
-            ends: Vec::with_capacity(blocks.len()),
-            offsets: blocks.iter().map(|b| b.offset).collect(),
-            lens: blocks.iter().map(|b| b.len).collect(),
-            prefix,
-        };
-        for block in blocks {
-            // Sorted between the first and the last, every first key has the prefix.
-            index
-                .rests
-                .extend_from_slice(&block.first_key[index.prefix.len()..]);
-            index.ends.push(index.rests.len() as u32);
-        }
-        index
-    }
-
     fn len(&self) -> usize {
         self.ends.len()
     }
@@ -232,8 +254,9 @@ pub(crate) struct RunWriter {
     written: u64,
     block: Vec<u8>,
     offsets: Vec<u32>,
-    blocks: Vec<BlockRef>,
+    blocks: IndexBuilder,
     hashes: Vec<u64>,
+    entries: u64,
     last_key: Vec<u8>,
 }
 
@@ -253,8 +276,9 @@ impl RunWriter {
             written: 0,
             block: Vec::with_capacity(BLOCK_TARGET),
             offsets: Vec::new(),
-            blocks: Vec::new(),
+            blocks: IndexBuilder::default(),
             hashes: Vec::new(),
+            entries: 0,
             last_key: Vec::new(),
         })
     }
@@ -270,7 +294,7 @@ impl RunWriter {
 
     /// [`RunWriter::add`] of a record, or of a tombstone for `None`.
     pub(crate) fn add_record(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<()> {
-        if !self.hashes.is_empty() && key <= self.last_key.as_slice() {
+        if self.entries > 0 && key <= self.last_key.as_slice() {
             return Err(corrupted(&self.path, "keys added out of order"));
         }
         let size = 8 + key.len() + value.map_or(0, <[u8]>::len);
@@ -286,11 +310,7 @@ impl RunWriter {
             self.end_block()?;
         }
         if self.offsets.is_empty() {
-            self.blocks.push(BlockRef {
-                offset: self.written,
-                len: 0,
-                first_key: key.into(),
-            });
+            self.blocks.push(self.written, 0, key);
         }
         self.offsets.push(self.block.len() as u32);
         self.block.extend_from_slice(&key_len.to_le_bytes());
@@ -298,6 +318,7 @@ impl RunWriter {
         self.block.extend_from_slice(key);
         self.block.extend_from_slice(value.unwrap_or_default());
         self.hashes.push(key_hash(key));
+        self.entries += 1;
         self.last_key.clear();
         self.last_key.extend_from_slice(key);
         Ok(())
@@ -311,13 +332,19 @@ impl RunWriter {
             .extend_from_slice(&(self.offsets.len() as u32).to_le_bytes());
         let block = with_crc(std::mem::take(&mut self.block));
         self.write(&block)?;
-        if let Some(last) = self.blocks.last_mut() {
-            last.len = block.len() as u32;
+        if let Some(last) = self.blocks.lens.last_mut() {
+            *last = block.len() as u32;
         }
         self.offsets.clear();
         self.block = block;
         self.block.clear();
         Ok(())
+    }
+
+    /// [`RunWriter::write`], feeding `crc` too.
+    fn write_summed(&mut self, crc: &mut crc32fast::Hasher, bytes: &[u8]) -> Result<()> {
+        crc.update(bytes);
+        self.write(bytes)
     }
 
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
@@ -335,28 +362,33 @@ impl RunWriter {
         if !self.offsets.is_empty() {
             self.end_block()?;
         }
-        let mut index = Vec::new();
-        for block in &self.blocks {
-            index.extend_from_slice(&block.offset.to_le_bytes());
-            index.extend_from_slice(&block.len.to_le_bytes());
-            index.extend_from_slice(&(block.first_key.len() as u32).to_le_bytes());
-            index.extend_from_slice(&block.first_key);
-        }
-        let index = with_crc(index);
-        let bloom = Bloom::build(&self.hashes);
-        let bloom_bytes = with_crc(bloom.words.iter().flat_map(|w| w.to_le_bytes()).collect());
+        // The index and the filter go straight to the file, not through a copy each.
+        let blocks = std::mem::take(&mut self.blocks);
         let index_offset = self.written;
-        self.write(&index)?;
+        let mut crc = crc32fast::Hasher::new();
+        for i in 0..blocks.offsets.len() {
+            let key = blocks.key(i);
+            self.write_summed(&mut crc, &blocks.offsets[i].to_le_bytes())?;
+            self.write_summed(&mut crc, &blocks.lens[i].to_le_bytes())?;
+            self.write_summed(&mut crc, &(key.len() as u32).to_le_bytes())?;
+            self.write_summed(&mut crc, key)?;
+        }
+        self.write(&crc.finalize().to_le_bytes())?;
+        let bloom = Bloom::build(&std::mem::take(&mut self.hashes));
         let bloom_offset = self.written;
-        self.write(&bloom_bytes)?;
+        let mut crc = crc32fast::Hasher::new();
+        for word in &bloom.words {
+            self.write_summed(&mut crc, &word.to_le_bytes())?;
+        }
+        self.write(&crc.finalize().to_le_bytes())?;
         let mut footer = Vec::with_capacity(FOOTER_LEN);
         footer.extend_from_slice(MAGIC);
         footer.extend_from_slice(&VERSION.to_le_bytes());
-        footer.extend_from_slice(&(self.hashes.len() as u64).to_le_bytes());
+        footer.extend_from_slice(&self.entries.to_le_bytes());
         footer.extend_from_slice(&index_offset.to_le_bytes());
-        footer.extend_from_slice(&(index.len() as u32).to_le_bytes());
+        footer.extend_from_slice(&((bloom_offset - index_offset) as u32).to_le_bytes());
         footer.extend_from_slice(&bloom_offset.to_le_bytes());
-        footer.extend_from_slice(&(bloom_bytes.len() as u32).to_le_bytes());
+        footer.extend_from_slice(&((self.written - bloom_offset) as u32).to_le_bytes());
         self.write(&with_crc(footer))?;
         let path = self.path;
         let file = self
@@ -369,8 +401,8 @@ impl RunWriter {
         Ok(Run {
             path,
             file,
-            entries: self.hashes.len() as u64,
-            index: Index::new(&self.blocks),
+            entries: self.entries,
+            index: blocks.build(),
             bloom,
             last_key: self.last_key.into(),
         })
@@ -425,7 +457,7 @@ impl Run {
         }
         let raw_index = read(index_at, index_len as usize)?;
         let index = checked(&raw_index).ok_or_else(|| corrupted(path, "index checksum"))?;
-        let mut blocks = Vec::new();
+        let mut blocks = IndexBuilder::default();
         let mut at = 0;
         let mut end_of_data = 0;
         while at < index.len() {
@@ -443,11 +475,7 @@ impl Run {
                 return Err(corrupted(path, "index does not cover the data"));
             }
             end_of_data = offset + u64::from(len);
-            blocks.push(BlockRef {
-                offset,
-                len,
-                first_key: key.into(),
-            });
+            blocks.push(offset, len, key);
             at += 16 + key_len as usize;
         }
         if end_of_data != index_at {
@@ -466,7 +494,7 @@ impl Run {
             path: path.to_owned(),
             file,
             entries,
-            index: Index::new(&blocks),
+            index: blocks.build(),
             bloom: Bloom { words },
             last_key: Box::default(),
         };
