@@ -883,6 +883,7 @@ struct Checkpointer {
     /// is durable.
     running: Option<(u64, bool)>,
     thread: Option<std::thread::JoinHandle<()>>,
+    merger: Merger,
 }
 
 impl Checkpointer {
@@ -909,10 +910,13 @@ impl Checkpointer {
         // At least every second, so that a barrier held back behind a big overlay
         // gets its turn (see `BARRIER_MAX_WAIT`) under a long checkpoint interval.
         let idle = interval.clamp(Duration::from_millis(10), BARRIER_MAX_WAIT);
+        let merger = Merger::spawn(shared.clone())?;
+        let poke = merger.poker();
         let thread = std::thread::Builder::new()
             .name("amphora-checkpoint".into())
             .spawn(move || {
                 lower_priority(CHECKPOINT_NICE);
+                let merger = poke;
                 loop {
                     match job_rx.recv_timeout(idle) {
                         Ok(job) => {
@@ -930,11 +934,7 @@ impl Checkpointer {
                         }
                         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                     }
-                    // At most one merge between two checkpoints: each takes 4 runs
-                    // of a tier, and a checkpoint adds one run.
-                    if let Err(e) = merge_runs(&shared) {
-                        tracing::warn!(error = %e, "merging runs failed; the runs stay as they are");
-                    }
+                    merger.poke();
                 }
             })
             .map_err(|e| StoreError::Io(format!("starting the checkpoint thread: {e}")))?;
@@ -943,6 +943,7 @@ impl Checkpointer {
             done,
             running: None,
             thread: Some(thread),
+            merger,
         })
     }
 
@@ -957,11 +958,13 @@ impl Checkpointer {
     }
 
     /// Ends the thread (it holds the database open).
+    /// Ends the thread, then the merge thread (after the merge it may be running).
     fn stop(&mut self) {
         self.jobs = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+        self.merger.stop();
     }
 }
 
@@ -1024,16 +1027,91 @@ fn migrate_kv(txn: &redb::WriteTransaction, runs: &mut RunsChange) -> Result<()>
     crate::kvruns::add_entries(txn, count as i64)
 }
 
-/// Runs the merge of runs the policy asks for, if it asks for one (on the
-/// checkpoint thread, between checkpoints).
-fn merge_runs(shared: &Shared) -> Result<()> {
+/// The thread that merges runs, apart from the checkpoint thread: a merge of large
+/// runs takes seconds, and checkpoints that waited for it let the overlay grow
+/// (to tens of MiB of memory under a heavy load).
+struct Merger {
+    poke: Poke,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Asks the merge thread to look for a merge (after a checkpoint added a run).
+#[derive(Clone)]
+struct Poke(std::sync::mpsc::SyncSender<()>);
+
+impl Poke {
+    fn poke(&self) {
+        // A full channel: the thread will look anyway.
+        let _ = self.0.try_send(());
+    }
+}
+
+impl Merger {
+    /// Starts the thread. It runs every merge the policy asks for, one at a time,
+    /// when poked and at least once a second; at the lowest priority, like the
+    /// checkpoint thread.
+    fn spawn(shared: Arc<Shared>) -> Result<Merger> {
+        let (poke, poked) = std::sync::mpsc::sync_channel::<()>(1);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("amphora-merge".into())
+            .spawn(move || {
+                lower_priority(CHECKPOINT_NICE);
+                while !stopped.load(Ordering::Acquire) {
+                    let _ = poked.recv_timeout(Duration::from_secs(1));
+                    while !stopped.load(Ordering::Acquire) {
+                        match merge_runs(&shared, &stopped) {
+                            Ok(true) => {}
+                            Ok(false) => break,
+                            Err(_) if stopped.load(Ordering::Acquire) => break,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "merging runs failed; the runs stay as they are");
+                                break;
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Io(format!("starting the merge thread: {e}")))?;
+        Ok(Merger {
+            poke: Poke(poke),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn poker(&self) -> Poke {
+        self.poke.clone()
+    }
+
+    /// Ends the thread; a merge it is running stops within a few thousand entries
+    /// (its partial file is deleted at the next open, which the manifest does not
+    /// name).
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.poke.poke();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Runs the merge of runs the policy asks for, if it asks for one; answers whether
+/// it did.
+fn merge_runs(shared: &Shared, stop: &std::sync::atomic::AtomicBool) -> Result<bool> {
     let set = shared.runs.snapshot();
     let Some(range) = set.next_merge(crate::kvruns::FANOUT) else {
-        return Ok(());
+        return Ok(false);
     };
     let inputs = set.members()[range].to_vec();
     let (file, path) = shared.runs.allocate();
-    let output = set.merge(&inputs, file, &path, false)?;
+    let output = set.merge(&inputs, file, &path, false, stop)?;
+    // Written back and fsynced here, in the background: left to the next durable
+    // checkpoint, the whole store's worth of a large merge held the checkpoint thread
+    // for seconds, and the overlay grew meanwhile (by tens of MiB under load).
+    output.run.sync()?;
     let mut runs = shared.runs.begin();
     let mut txn = shared.db.begin_write().map_err(backend)?;
     txn.set_durability(redb::Durability::None)
@@ -1041,7 +1119,7 @@ fn merge_runs(shared: &Shared) -> Result<()> {
     runs.replace(&txn, &inputs, output)?;
     txn.commit().map_err(backend)?;
     runs.committed(false);
-    Ok(())
+    Ok(true)
 }
 
 fn write_meta(
@@ -1255,8 +1333,8 @@ impl Writer {
             let deferred = std::mem::take(&mut self.deferred);
             self.commit_batch(deferred);
         }
-        // The checkpoint thread stops first (after the merge it may be running), so
-        // that the final durable checkpoint holds everything it did.
+        // The checkpoint and merge threads stop first (after the merge one may be
+        // running), so that the final durable checkpoint holds everything they did.
         let flushed = self.flush();
         self.checkpointer.stop();
         if let Err(e) = flushed.and_then(|()| self.checkpoint()) {

@@ -781,14 +781,14 @@ async fn futures_like_join<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Outpu
         .collect()
 }
 
-/// The checkpoint thread runs at the lowest priority (nice 19). It lowers its own
-/// priority when it starts, which may be just after the store opens: the test
-/// looks again until it has (or 10 s have passed).
+/// The checkpoint and merge threads run at the lowest priority (nice 19). Each
+/// lowers its own priority when it starts, which may be just after the store opens:
+/// the test looks again until both have (or 10 s have passed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_checkpoint_thread_runs_at_the_lowest_priority() {
+async fn the_checkpoint_and_merge_threads_run_at_the_lowest_priority() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
-    // The nice value of each thread named like the checkpoint thread.
+    // The name and nice value of each thread named like the two.
     let nice_values = || {
         let mut found = Vec::new();
         for task in std::fs::read_dir("/proc/self/task").unwrap() {
@@ -799,25 +799,28 @@ async fn the_checkpoint_thread_runs_at_the_lowest_priority() {
             ) else {
                 continue; // a thread that ended meanwhile
             };
-            if comm.trim() != "amphora-checkpo" {
+            let comm = comm.trim().to_owned();
+            if comm != "amphora-checkpo" && comm != "amphora-merge" {
                 continue;
             }
             // Fields after the command name's closing parenthesis start at field 3;
             // the nice value is field 19.
             let after = &stat[stat.rfind(')').unwrap() + 2..];
-            found.push(after.split(' ').nth(16).unwrap().parse::<i32>().unwrap());
+            found.push((
+                comm,
+                after.split(' ').nth(16).unwrap().parse::<i32>().unwrap(),
+            ));
         }
         found
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let lowered = |found: &[i32]| !found.is_empty() && found.iter().all(|&n| n == 19);
+    let lowered = |found: &[(String, i32)]| found.len() == 2 && found.iter().all(|(_, n)| *n == 19);
     let mut found = nice_values();
     while !lowered(&found) && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         found = nice_values();
     }
-    assert!(!found.is_empty(), "no checkpoint thread found");
-    assert!(found.iter().all(|&n| n == 19), "nice values {found:?}");
+    assert!(lowered(&found), "threads and nice values {found:?}");
     store.close().await.unwrap();
 }
 
