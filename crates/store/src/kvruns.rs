@@ -4,7 +4,7 @@
 //! decide it and, at the checkpoint, an insert into a 4 KiB leaf, copied, checksummed
 //! and written back: most of the CPU a durable put cost (docs/design/put-path.md).
 //! Here a checkpoint writes the overlay's `kv` changes as one new run, front to back,
-//! and merges on the checkpoint thread keep the number of runs small.
+//! and merges on a thread of their own keep the number of runs small.
 //!
 //! The runs live in a directory beside the database (`NAME.runs`), one file each
 //! (`{file:016x}.run`). redb's `runs` table is the manifest: run id → (tier, file).
@@ -138,6 +138,7 @@ impl Runs {
             state: self.lock(),
             staged: None,
             added: None,
+            replaced: Vec::new(),
         }
     }
 
@@ -160,6 +161,8 @@ pub(crate) struct RunsChange<'r> {
     staged: Option<Arc<RunSet>>,
     /// The run this change added.
     added: Option<Arc<Member>>,
+    /// Files of the runs a merge replaced: obsolete once the transaction commits.
+    replaced: Vec<PathBuf>,
 }
 
 impl RunsChange<'_> {
@@ -220,8 +223,8 @@ impl RunsChange<'_> {
         manifest.insert(id, (tier, file)).map_err(backend)?;
         self.added = set.members().iter().find(|m| m.id == id).cloned();
         self.staged = Some(Arc::new(set));
-        self.state
-            .obsolete
+        // Obsolete only once this commits: if it fails, the inputs stay named.
+        self.replaced
             .extend(inputs.iter().map(|m| m.run.path().to_owned()));
         Ok(())
     }
@@ -242,6 +245,8 @@ impl RunsChange<'_> {
         if let Some(added) = self.added.take() {
             self.state.unsynced.push(added);
         }
+        let replaced = std::mem::take(&mut self.replaced);
+        self.state.obsolete.extend(replaced);
         if let Some(set) = self.staged.take() {
             self.state.set = set.clone();
             *self
@@ -336,4 +341,55 @@ pub(crate) fn changes(
     kv: &BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 ) -> impl Iterator<Item = Result<(&[u8], Option<&[u8]>)>> {
     kv.iter().map(|(k, v)| Ok((k.as_slice(), v.as_deref())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redb::Database;
+    use std::sync::atomic::AtomicBool;
+
+    fn run_of(runs: &Runs, db: &Database, key: &[u8]) {
+        let mut change = runs.begin();
+        let txn = db.begin_write().unwrap();
+        let value: &[u8] = b"value";
+        change.add(&txn, [Ok((key, Some(value)))]).unwrap();
+        change.sync().unwrap();
+        txn.commit().unwrap();
+        change.committed(true);
+    }
+
+    #[test]
+    fn a_merge_whose_commit_fails_deletes_none_of_its_inputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("db")).unwrap();
+        let runs_dir = dir.path().join("runs");
+        let txn = db.begin_write().unwrap();
+        let runs = Runs::open(&runs_dir, &txn).unwrap();
+        txn.commit().unwrap();
+        run_of(&runs, &db, b"a");
+        run_of(&runs, &db, b"b");
+        let set = runs.snapshot();
+        let inputs = set.members().to_vec();
+        let (file, path) = runs.allocate();
+        let output = set
+            .merge(&inputs, file, &path, true, &AtomicBool::new(false))
+            .unwrap();
+        // The merge is staged, and its transaction is dropped: it never commits.
+        let mut change = runs.begin();
+        let txn = db.begin_write().unwrap();
+        change.replace(&txn, &inputs, output).unwrap();
+        drop(txn);
+        drop(change);
+        // A later durable commit must not delete the inputs, which the manifest
+        // still names.
+        run_of(&runs, &db, b"c");
+        for input in &inputs {
+            assert!(input.run.path().exists(), "{}", input.run.path().display());
+        }
+        drop(runs);
+        let txn = db.begin_write().unwrap();
+        let reopened = Runs::open(&runs_dir, &txn).unwrap();
+        assert_eq!(reopened.snapshot().members().len(), 3);
+    }
 }

@@ -857,7 +857,7 @@ fn lower_priority(nice: libc::c_int) {
     #[allow(unsafe_code)]
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
     if rc != 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "lowering the checkpoint thread's priority failed");
+        tracing::warn!(error = %std::io::Error::last_os_error(), "lowering a background thread's priority failed");
     }
 }
 
@@ -957,8 +957,7 @@ impl Checkpointer {
         Ok(())
     }
 
-    /// Ends the thread (it holds the database open).
-    /// Ends the thread, then the merge thread (after the merge it may be running).
+    /// Ends the thread (it holds the database open), then the merge thread.
     fn stop(&mut self) {
         self.jobs = None;
         if let Some(thread) = self.thread.take() {
@@ -1050,7 +1049,8 @@ impl Poke {
 impl Merger {
     /// Starts the thread. It runs every merge the policy asks for, one at a time,
     /// when poked and at least once a second; at the lowest priority, like the
-    /// checkpoint thread.
+    /// checkpoint thread. After a failed merge it waits 1 s, doubling up to a
+    /// minute while they go on failing.
     fn spawn(shared: Arc<Shared>) -> Result<Merger> {
         let (poke, poked) = std::sync::mpsc::sync_channel::<()>(1);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1059,15 +1059,28 @@ impl Merger {
             .name("amphora-merge".into())
             .spawn(move || {
                 lower_priority(CHECKPOINT_NICE);
+                let mut pause = Duration::ZERO;
+                let mut not_before = Instant::now();
                 while !stopped.load(Ordering::Acquire) {
-                    let _ = poked.recv_timeout(Duration::from_secs(1));
+                    if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) =
+                        poked.recv_timeout(Duration::from_secs(1))
+                    {
+                        break;
+                    }
+                    if Instant::now() < not_before {
+                        continue;
+                    }
                     while !stopped.load(Ordering::Acquire) {
                         match merge_runs(&shared, &stopped) {
-                            Ok(true) => {}
+                            Ok(true) => pause = Duration::ZERO,
                             Ok(false) => break,
-                            Err(_) if stopped.load(Ordering::Acquire) => break,
+                            Err(StoreError::Unavailable(_)) if stopped.load(Ordering::Acquire) => {
+                                break;
+                            }
                             Err(e) => {
-                                tracing::warn!(error = %e, "merging runs failed; the runs stay as they are");
+                                pause = (pause * 2).clamp(Duration::from_secs(1), Duration::from_secs(60));
+                                not_before = Instant::now() + pause;
+                                tracing::warn!(error = %e, retry_in = ?pause, "merging runs failed; the runs stay as they are");
                                 break;
                             }
                         }
@@ -1086,15 +1099,22 @@ impl Merger {
         self.poke.clone()
     }
 
-    /// Ends the thread; a merge it is running stops within a few thousand entries
-    /// (its partial file is deleted at the next open, which the manifest does not
-    /// name).
+    /// Ends the thread; a merge it is running stops writing within a few thousand
+    /// entries, and its file is deleted.
     fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);
         self.poke.poke();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+impl Drop for Merger {
+    /// A store dropped without `close` (a failed open, a panicked writer) must not
+    /// leave the thread running: it holds the database open.
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -1107,7 +1127,26 @@ fn merge_runs(shared: &Shared, stop: &std::sync::atomic::AtomicBool) -> Result<b
     };
     let inputs = set.members()[range].to_vec();
     let (file, path) = shared.runs.allocate();
-    let output = set.merge(&inputs, file, &path, false, stop)?;
+    let merged = merge_into(shared, &set, &inputs, file, &path, stop);
+    if merged.is_err() {
+        // Named nowhere: the file of a failed or stopped merge goes now (a full
+        // disk would otherwise keep what each attempt wrote until the next open).
+        let _ = std::fs::remove_file(&path);
+    }
+    merged.map(|()| true)
+}
+
+/// Writes the merge of `inputs` to `path`, fsyncs it and names it in the manifest
+/// in their place.
+fn merge_into(
+    shared: &Shared,
+    set: &crate::run::RunSet,
+    inputs: &[Arc<crate::run::Member>],
+    file: u64,
+    path: &Path,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
+    let output = set.merge(inputs, file, path, false, stop)?;
     // Written back and fsynced here, in the background: left to the next durable
     // checkpoint, the whole store's worth of a large merge held the checkpoint thread
     // for seconds, and the overlay grew meanwhile (by tens of MiB under load).
@@ -1116,10 +1155,10 @@ fn merge_runs(shared: &Shared, stop: &std::sync::atomic::AtomicBool) -> Result<b
     let mut txn = shared.db.begin_write().map_err(backend)?;
     txn.set_durability(redb::Durability::None)
         .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-    runs.replace(&txn, &inputs, output)?;
+    runs.replace(&txn, inputs, output)?;
     txn.commit().map_err(backend)?;
     runs.committed(false);
-    Ok(true)
+    Ok(())
 }
 
 fn write_meta(

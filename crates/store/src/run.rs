@@ -413,8 +413,7 @@ impl RunWriter {
 pub(crate) struct Run {
     path: PathBuf,
     file: File,
-    /// Records and tombstones (kept for tests; the footer has it).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// Records and tombstones (the merge policy weighs runs by them).
     entries: u64,
     index: Index,
     bloom: Bloom,
@@ -794,6 +793,10 @@ impl Iterator for Merge<'_> {
 /// about `SPACE_FACTOR + 1` times the entries of a store written over and over.
 pub(crate) const SPACE_FACTOR: u64 = 2;
 
+/// Past this many runs, [`RunSet::next_merge`] asks for merges of one tier before a
+/// merge of everything.
+pub(crate) const PILE_UP: usize = 16;
+
 /// How many entries a merge writes between two looks at its stop flag.
 const STOP_CHECK: usize = 4096;
 
@@ -887,8 +890,14 @@ impl RunSet {
     ///   entries have come in, so for a store that grows, the merges' writes stay
     ///   a fraction of its writes.
     /// - else `fanout` adjacent runs of one tier, from the lowest tier that has that
-    ///   many side by side, the oldest of them.
+    ///   many side by side, the oldest of them; these first while more than
+    ///   [`PILE_UP`] runs wait (merges fell behind, and a merge of everything would
+    ///   take longest while still more pile up).
     pub(crate) fn next_merge(&self, fanout: usize) -> Option<std::ops::Range<usize>> {
+        let tiered = self.tier_merge(fanout);
+        if tiered.is_some() && self.members.len() > PILE_UP {
+            return tiered;
+        }
         if let Some((oldest, newer)) = self.members.split_last()
             && !newer.is_empty()
         {
@@ -897,6 +906,11 @@ impl RunSet {
                 return Some(0..self.members.len());
             }
         }
+        tiered
+    }
+
+    /// The merge of one tier [`RunSet::next_merge`] may ask for.
+    fn tier_merge(&self, fanout: usize) -> Option<std::ops::Range<usize>> {
         let fanout = fanout.max(2);
         let mut best: Option<(u32, std::ops::Range<usize>)> = None;
         let mut end = self.members.len();
@@ -1193,7 +1207,7 @@ mod tests {
     #[test]
     fn keys_written_over_and_over_take_a_bounded_room() {
         // 100 keys, 40 of them written at each checkpoint; one merge at most after
-        // each checkpoint, as the checkpoint thread does.
+        // each checkpoint (the merge thread may do more, which only helps).
         let dir = tempfile::tempdir().unwrap();
         let mut set = RunSet::default();
         let mut most = (0, 0);
@@ -1235,6 +1249,34 @@ mod tests {
         for n in 0..100 {
             assert!(set.get(&key(n)).unwrap().is_some());
         }
+    }
+
+    #[test]
+    fn runs_that_pile_up_are_merged_by_tier_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let set_of = |runs: u64| {
+            RunSet::new((1..=runs).map(|id| {
+                let changes: BTreeMap<_, _> = (0..10u32)
+                    .map(|n| (key(n), Entry::Record(vec![id as u8])))
+                    .collect();
+                let path = dir.path().join(format!("{runs}-{id}"));
+                Member {
+                    id,
+                    tier: 0,
+                    file: id,
+                    run: write(&path, &changes),
+                }
+            }))
+        };
+        // The newer runs hold far more than twice the oldest's entries either way.
+        let few = set_of(PILE_UP as u64);
+        assert_eq!(few.next_merge(4), Some(0..PILE_UP), "everything");
+        let many = set_of(PILE_UP as u64 + 4);
+        assert_eq!(
+            many.next_merge(4),
+            Some(PILE_UP..PILE_UP + 4),
+            "the oldest four of tier 0"
+        );
     }
 
     #[test]
