@@ -23,7 +23,8 @@
 //!
 //! `kv` (key → create revision, mod revision, lease (0 = none), value) is not a
 //! redb table but sorted runs (`kvruns.rs`); a checkpoint writes the overlay's `kv`
-//! changes as one run and names it in the `runs` table in the same commit.
+//! changes as one run and names it in the `runs` table in the same commit; the
+//! merge thread (`Merger`) merges runs in the background.
 //!
 //! Tables:
 //! - `log`: revision → event (the change feed); each event also names the revision
