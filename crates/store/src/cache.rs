@@ -1,5 +1,7 @@
-//! The entry cache: recently read entries, kept in memory so that a hot read costs
-//! a hash lookup instead of a B-tree descent through the page cache.
+//! The entry cache: recently read entries, and entries written under keys written
+//! before, kept in memory so that a hot read costs a hash lookup instead of a run
+//! block read, and so that the writer, which reads the current entry of every key it
+//! changes, finds a key written over and over here.
 //!
 //! It is kept exact by the writer, without ever making a reader wait for a commit:
 //!
@@ -11,6 +13,12 @@
 //! - A reader does not use a shard in flux: while a commit is publishing its
 //!   changes, readers of the shard go to the B-tree, whose snapshots are ordered, so
 //!   no reader can see an old value after another has seen the new one.
+//! - Write-through for rewritten keys: an entry a batch writes under a key that
+//!   held one, with no lease, is inserted by the writer after the commit, while the
+//!   shard is still in flux ([`EntryCache::settle`]). A key written once is not, so a
+//!   bulk load of new keys does not fill the cache.
+//! - The writer looks up the current entry of a key it changes here first
+//!   ([`EntryCache::peek`]): between its commits the cache holds what is published.
 //! - A reader that missed takes the shard's generation *before* it opens its read
 //!   transaction, and may insert what it read only if the generation is still the
 //!   same, even, number: a commit in between (which might have made what it read
@@ -90,19 +98,23 @@ fn varint(bytes: &[u8], at: &mut usize) -> u64 {
 
 impl Cached {
     fn new(kv: &KeyValue) -> Cached {
-        let len = [kv.key.len() as u64, kv.create_revision, kv.mod_revision]
+        Cached::of(&kv.key, kv.create_revision, kv.mod_revision, &kv.value)
+    }
+
+    fn of(key: &[u8], create: Revision, modified: Revision, value: &[u8]) -> Cached {
+        let len = [key.len() as u64, create, modified]
             .map(varint_len)
             .iter()
             .sum::<usize>()
-            + kv.key.len()
-            + kv.value.len();
+            + key.len()
+            + value.len();
         // Exactly its size: the boxed slice is this allocation, not a copy of it.
         let mut bytes = Vec::with_capacity(len);
-        put_varint(&mut bytes, kv.key.len() as u64);
-        put_varint(&mut bytes, kv.create_revision);
-        put_varint(&mut bytes, kv.mod_revision);
-        bytes.extend_from_slice(&kv.key);
-        bytes.extend_from_slice(&kv.value);
+        put_varint(&mut bytes, key.len() as u64);
+        put_varint(&mut bytes, create);
+        put_varint(&mut bytes, modified);
+        bytes.extend_from_slice(key);
+        bytes.extend_from_slice(value);
         debug_assert_eq!(bytes.len(), len);
         Cached(bytes.into_boxed_slice())
     }
@@ -173,6 +185,38 @@ impl Shard {
             self.bytes -= old.cost();
         }
     }
+
+    /// Adds `entry` (whose key the shard does not hold), dropping arbitrary entries
+    /// until it fits in `budget`.
+    fn insert(&mut self, hash: u64, entry: Cached, budget: usize, hasher: &RandomState) {
+        let size = entry.cost();
+        while self.bytes + size > budget {
+            let Some(victim) = self.entries.iter().next().map(|c| c.key().to_vec()) else {
+                break;
+            };
+            self.remove(hasher.hash_one(&victim), &victim);
+        }
+        self.bytes += size;
+        self.entries
+            .insert_unique(hash, entry, |c| hasher.hash_one(c.key()));
+    }
+}
+
+/// An entry a batch wrote, to be cached when the batch is published (see
+/// [`EntryCache::settle`]).
+pub(crate) struct Admitted {
+    hash: u64,
+    entry: Cached,
+}
+
+impl Admitted {
+    pub(crate) fn key(&self) -> &[u8] {
+        self.entry.key()
+    }
+
+    pub(crate) fn mod_revision(&self) -> Revision {
+        self.entry.header().1
+    }
 }
 
 /// The shards a batch touched, as a bit set.
@@ -184,8 +228,12 @@ impl Touched {
         self.0[shard / 64] |= 1 << (shard % 64);
     }
 
+    fn contains(&self, shard: usize) -> bool {
+        self.0[shard / 64] & (1 << (shard % 64)) != 0
+    }
+
     fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..SHARDS).filter(|s| self.0[s / 64] & (1 << (s % 64)) != 0)
+        (0..SHARDS).filter(|&s| self.contains(s))
     }
 }
 
@@ -271,15 +319,49 @@ impl EntryCache {
         if s.generation != ticket.generation || s.find(hash, &kv.key).is_some() {
             return;
         }
-        while s.bytes + size > self.shard_budget {
-            let Some(victim) = s.entries.iter().next().map(|c| c.key().to_vec()) else {
-                break;
-            };
-            s.remove(self.hash(&victim), &victim);
+        s.insert(hash, entry, self.shard_budget, &self.hasher);
+    }
+
+    /// Calls `f` with the create revision, the mod revision and the value cached
+    /// under `key`, without counting a hit or a miss: the writer's lookup of the
+    /// entry a put or delete changes. The writer is the one thread that changes the
+    /// cache's keys, so between its commits what it finds here is the entry as
+    /// published.
+    pub(crate) fn peek<R>(
+        &self,
+        key: &[u8],
+        f: impl FnOnce(Revision, Revision, &[u8]) -> R,
+    ) -> Option<R> {
+        if !self.enabled() {
+            return None;
         }
-        s.bytes += size;
-        s.entries
-            .insert_unique(hash, entry, |c| self.hasher.hash_one(c.key()));
+        let hash = self.hash(key);
+        let s = self.shards[Self::shard_of(hash)]
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        if s.generation % 2 == 1 {
+            return None;
+        }
+        let found = s.find(hash, key)?;
+        let (create, modified, _, end) = found.header();
+        Some(f(create, modified, &found.0[end..]))
+    }
+
+    /// The entry a batch wrote under `key` (with no lease), to be cached by
+    /// [`Self::settle`] when the batch is published; `None` when the cache is off or
+    /// the entry does not fit in a shard.
+    pub(crate) fn admit(
+        &self,
+        key: &[u8],
+        create: Revision,
+        modified: Revision,
+        value: &[u8],
+    ) -> Option<Admitted> {
+        let entry = Cached::of(key, create, modified, value);
+        (self.enabled() && entry.cost() <= self.shard_budget).then(|| Admitted {
+            hash: self.hash(key),
+            entry,
+        })
     }
 
     /// What the cache holds and how often it answered.
@@ -299,6 +381,12 @@ impl EntryCache {
     /// writer before a commit (leaving the shards in flux) and after it (settling
     /// them), with the same keys.
     pub(crate) fn invalidate<'k>(&self, keys: impl Iterator<Item = &'k [u8]>) {
+        self.settle(keys, Vec::new());
+    }
+
+    /// [`Self::invalidate`] after a commit, which also caches `admitted`: entries the
+    /// batch wrote under some of `keys`, each the key's last value in the batch.
+    pub(crate) fn settle<'k>(&self, keys: impl Iterator<Item = &'k [u8]>, admitted: Vec<Admitted>) {
         if !self.enabled() {
             return;
         }
@@ -311,6 +399,18 @@ impl EntryCache {
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(hash, key);
+        }
+        for Admitted { hash, entry } in admitted {
+            let shard = Self::shard_of(hash);
+            debug_assert!(
+                touched.contains(shard),
+                "admitted under a key the batch changed"
+            );
+            let mut s = self.shards[shard]
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            // Removed above, and admitted once per batch (see `OverlayTables::finish`).
+            s.insert(hash, entry, self.shard_budget, &self.hasher);
         }
         for shard in touched.iter() {
             let mut s = self.shards[shard]
@@ -450,6 +550,38 @@ mod tests {
         for (len, class) in classes {
             assert_eq!(cost(len), class + OVERHEAD, "{len} bytes");
         }
+    }
+
+    #[test]
+    fn a_commit_caches_what_it_admits_and_drops_the_rest() {
+        let cache = EntryCache::new(1 << 20);
+        for key in [b"a", b"b"] {
+            let t = ticket(&cache, key);
+            cache.offer(t, &kv(key, b"old", 1));
+        }
+        let admitted = cache.admit(b"a", 1, 2, b"new").expect("fits");
+        let changed = [b"a".as_slice(), b"b".as_slice(), b"c".as_slice()];
+        cache.invalidate(changed.into_iter());
+        // What a reader took before the commit may be old: dropped.
+        let late = Ticket {
+            shard: EntryCache::shard_of(cache.hash(b"c")),
+            generation: 0,
+            hash: cache.hash(b"c"),
+        };
+        cache.settle(changed.into_iter(), vec![admitted]);
+        cache.offer(late, &kv(b"c", b"old", 1));
+        assert_eq!(cache.get(b"a").ok(), Some(kv(b"a", b"new", 2)));
+        assert_eq!(
+            cache.peek(b"a", |c, m, v| (c, m, v.to_vec())),
+            Some((1, 2, b"new".to_vec()))
+        );
+        assert!(matches!(cache.get(b"b"), Err(Some(_))));
+        assert!(matches!(cache.get(b"c"), Err(Some(_))));
+        // The writer's lookups are not counted as reads.
+        let stats = cache.stats();
+        assert_eq!((stats.hits, stats.entries), (1, 1));
+        // Too large for a shard: not admitted.
+        assert!(cache.admit(b"big", 1, 2, &[0; 1 << 20]).is_none());
     }
 
     #[test]

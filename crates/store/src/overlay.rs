@@ -29,6 +29,7 @@
 //! overlay object see the same state through the layer); an overlay is retired only
 //! once redb holds all of it.
 
+use crate::cache::{Admitted, EntryCache};
 use crate::redb::{
     GRAVES, LEASE_EXPIRY, LEASES, LOG, Stored, backend, check_compacted, compacted_in,
     decode_event, entries_in, lease_live, live_lease,
@@ -373,30 +374,74 @@ impl Overlay {
 }
 
 /// The writer's view while an overlay is published: a batch's own changes over
-/// the overlay's.
+/// the entry cache, over the overlay's.
+///
+/// The entry cache is write-through for keys written again: an entry a batch
+/// writes under a key that held one before (and with no lease) is admitted to the
+/// cache when the batch is published, so the next write of the key finds its
+/// current record in memory instead of reading a run block. A key written only
+/// once is not admitted: a bulk load of new keys does not fill the cache (or push
+/// out what readers keep there).
 pub(crate) struct OverlayTables<'a> {
     overlay: &'a Overlay,
+    cache: &'a EntryCache,
     pub(crate) batch: Changes,
+    admitted: Vec<Admitted>,
 }
 
 impl<'a> OverlayTables<'a> {
-    pub(crate) fn new(overlay: &'a Overlay) -> Self {
+    pub(crate) fn new(overlay: &'a Overlay, cache: &'a EntryCache) -> Self {
         OverlayTables {
             overlay,
+            cache,
             batch: Changes::default(),
+            admitted: Vec::new(),
         }
     }
+
+    /// The batch's changes, and the entries to cache when they are published: of
+    /// those admitted, each that is still its key's last value in the batch.
+    pub(crate) fn finish(self) -> (Changes, Vec<Admitted>) {
+        let admitted = last_values(&self.batch, self.admitted);
+        (self.batch, admitted)
+    }
+}
+
+/// Of `admitted`, the entries that are their key's last value in `batch`: a key
+/// written twice keeps only its second entry, one deleted after it none.
+fn last_values(batch: &Changes, mut admitted: Vec<Admitted>) -> Vec<Admitted> {
+    admitted.retain(|a| {
+        let last = batch.kv(a.key()).flatten().map(Stored::decode);
+        matches!(last, Some(Ok(s)) if s.modified == a.mod_revision())
+    });
+    admitted
 }
 
 impl Tables for OverlayTables<'_> {
     fn kv_with<R>(&self, key: &[u8], f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
-        match self.batch.kv(key) {
-            Some(changed) => Ok(changed.map(f)),
-            None => self.overlay.kv_with(key, f),
+        if let Some(changed) = self.batch.kv(key) {
+            return Ok(changed.map(f));
         }
+        // Cached entries are the published ones and have no lease.
+        let mut f = Some(f);
+        if let Some(found) = self.cache.peek(key, |create, modified, value| {
+            let f = f.take().expect("called once");
+            f(&Stored::encode(create, modified, 0, value))
+        }) {
+            return Ok(Some(found));
+        }
+        let f = f.take().expect("not called on a miss");
+        self.overlay.kv_with(key, f)
     }
 
     fn kv_insert(&mut self, key: &[u8], record: Vec<u8>, existed: bool) -> Result<()> {
+        if existed
+            && let Ok(s) = Stored::decode(&record)
+            && s.lease == 0
+            && let Some(a) = self.cache.admit(key, s.create, s.modified, s.value)
+        {
+            self.admitted.push(a);
+        }
         self.batch.entries += i64::from(!existed);
         self.batch.bytes += key.len() + record.len() + 64;
         self.batch.kv.insert(key.to_vec(), Some(record));
@@ -463,5 +508,29 @@ impl Tables for OverlayTables<'_> {
         self.batch.bytes += key.len() + 64;
         self.batch.lease_keys.push((lease, key.to_vec(), attach));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_keys_last_value_in_a_batch_is_admitted() {
+        let cache = EntryCache::new(1 << 20);
+        let mut batch = Changes::default();
+        batch
+            .kv
+            .insert(b"a".to_vec(), Some(Stored::encode(1, 5, 0, b"a2")));
+        batch.kv.insert(b"b".to_vec(), None);
+        let admitted = [
+            (b"a", 4, b"a1"), // written again later in the batch
+            (b"a", 5, b"a2"), // its last value
+            (b"b", 3, b"b1"), // deleted later in the batch
+        ]
+        .map(|(key, modified, value)| cache.admit(key, 1, modified, value).expect("fits"));
+        let kept = last_values(&batch, admitted.into());
+        let kept: Vec<_> = kept.iter().map(|a| (a.key(), a.mod_revision())).collect();
+        assert_eq!(kept, [(b"a".as_slice(), 5)]);
     }
 }

@@ -254,7 +254,12 @@ impl<'a> Stored<'a> {
         })
     }
 
-    fn encode(create: Revision, modified: Revision, lease: LeaseId, value: &[u8]) -> Vec<u8> {
+    pub(crate) fn encode(
+        create: Revision,
+        modified: Revision,
+        lease: LeaseId,
+        value: &[u8],
+    ) -> Vec<u8> {
         let mut out = Vec::with_capacity(24 + value.len());
         out.extend_from_slice(&create.to_be_bytes());
         out.extend_from_slice(&modified.to_be_bytes());
@@ -1303,7 +1308,11 @@ impl Tables for RedbTables<'_> {
 )]
 enum Staged<'o> {
     Redb(Box<redb::WriteTransaction>, RunsChange<'o>),
-    Overlay(&'o Overlay, crate::overlay::Changes),
+    Overlay(
+        &'o Overlay,
+        crate::overlay::Changes,
+        Vec<crate::cache::Admitted>,
+    ),
 }
 
 /// Puts, deletes, lease grants and keep-alives are decided against an overlay;
@@ -1761,13 +1770,16 @@ impl Writer {
                     })
             }
             (None, Some(overlay)) => {
-                let mut t = OverlayTables::new(overlay);
+                let mut t = OverlayTables::new(overlay, &shared.cache);
                 self.run_ops(&mut t, batch, now, events, |_, _, _, _| {
                     Err(StoreError::Unavailable(
                         "a barrier operation reached the overlay".into(),
                     ))
                 })
-                .map(|outcomes| (outcomes, None, Staged::Overlay(overlay, t.batch)))
+                .map(|outcomes| {
+                    let (changes, admitted) = t.finish();
+                    (outcomes, None, Staged::Overlay(overlay, changes, admitted))
+                })
             }
             (None, None) => unreachable!("a transaction is opened when there is no overlay"),
         };
@@ -1788,21 +1800,25 @@ impl Writer {
         let (outcomes, compacted, staged) = applied?;
         // The entry cache drops the changed keys around the publication (see
         // cache.rs). The batch is durable in the log before anyone can see it.
+        // Entries the batch wrote under keys written before are cached as it settles
+        // (see `OverlayTables`).
         let changed = || events[first_event..].iter().map(|e| e.key.as_slice());
         self.shared.cache.invalidate(changed());
-        let published = match staged {
-            Staged::Redb(txn, runs) => txn
-                .commit()
-                .map_err(backend)
-                .map(|()| runs.committed(false)),
-            Staged::Overlay(overlay, changes) => {
+        let (published, admitted) = match staged {
+            Staged::Redb(txn, runs) => (
+                txn.commit()
+                    .map_err(backend)
+                    .map(|()| runs.committed(false)),
+                Vec::new(),
+            ),
+            Staged::Overlay(overlay, changes, admitted) => {
                 let bytes = overlay.merge(changes) as u64;
                 self.shared.overlay_batches.fetch_add(1, Ordering::Relaxed);
                 self.shared.overlay_peak.fetch_max(bytes, Ordering::Relaxed);
-                Ok(())
+                (Ok(()), admitted)
             }
         };
-        self.shared.cache.invalidate(changed());
+        self.shared.cache.settle(changed(), admitted);
         if let Err(e) = published {
             self.poisoned = logged;
             return Err(e);

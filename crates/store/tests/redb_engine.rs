@@ -1053,3 +1053,84 @@ async fn run_files_the_manifest_does_not_name_are_deleted_at_open() {
     assert_eq!(store.get(b"k").await.unwrap().unwrap().value, b"v");
     store.close().await.unwrap();
 }
+
+/// An entry written under a key that held one (and with no lease) is cached as the
+/// write is published; the next put of the key is decided against it, guards
+/// included. A first write, a write with a lease and a delete leave nothing cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_written_again_is_cached_as_it_is_written() {
+    use amphora_store::{Condition, LeaseChoice, Put, Store, StoreError, ValueGuard};
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    let put = |v: &[u8]| Put::new(b"k".to_vec(), v.to_vec(), Condition::None);
+    let hits = |s: &RedbStore| s.cache_stats().hits;
+
+    // A first write is not cached: the read misses (and caches it).
+    s.put(put(b"t1-v1")).await.unwrap();
+    assert_eq!(s.get(b"k").await.unwrap().unwrap().value, b"t1-v1");
+    assert_eq!((hits(&s), s.cache_stats().misses), (0, 1));
+
+    // Written again: cached as written, so the read hits and sees the new value.
+    let second = s.put(put(b"t1-v2")).await.unwrap();
+    let kv = s.get(b"k").await.unwrap().unwrap();
+    assert_eq!(
+        (kv.value.as_slice(), kv.mod_revision, kv.create_revision),
+        (&b"t1-v2"[..], second, 1)
+    );
+    assert_eq!(hits(&s), 1);
+
+    // A guarded put is checked against the cached value: the first two bytes must be
+    // "t1", and bytes 2..3 of the stored value are carried over.
+    let guarded = |expected: &[u8], value: &[u8]| Put {
+        guard: Some(ValueGuard {
+            offset: 0,
+            expected: expected.to_vec(),
+            carry: 2..3,
+            create: false,
+        }),
+        ..put(value)
+    };
+    assert!(matches!(
+        s.put(guarded(b"t2", b"t2xv3")).await,
+        Err(StoreError::Mismatch)
+    ));
+    let third = s.put(guarded(b"t1", b"t1xv3")).await.unwrap();
+    let kv = s.get(b"k").await.unwrap().unwrap();
+    assert_eq!(
+        (kv.value.as_slice(), kv.mod_revision),
+        (&b"t1-v3"[..], third)
+    );
+    assert_eq!(hits(&s), 2);
+
+    // With a lease: not cached, and the cached entry is gone.
+    let lease = s
+        .grant_lease(std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    s.put(Put {
+        lease: LeaseChoice::Set(lease.id),
+        ..put(b"t1-v4")
+    })
+    .await
+    .unwrap();
+    let kv = s.get(b"k").await.unwrap().unwrap();
+    assert_eq!(
+        (kv.value.as_slice(), kv.lease),
+        (&b"t1-v4"[..], Some(lease.id))
+    );
+    assert_eq!(hits(&s), 2);
+
+    // Without it again, then deleted: the read finds nothing.
+    s.put(Put {
+        lease: LeaseChoice::Clear,
+        ..put(b"t1-v5")
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.get(b"k").await.unwrap().unwrap().value, b"t1-v5");
+    assert_eq!(hits(&s), 3);
+    s.delete(b"k", Condition::None).await.unwrap();
+    assert_eq!(s.get(b"k").await.unwrap(), None);
+    assert_eq!(s.cache_stats().entries, 0);
+    s.close().await.unwrap();
+}
