@@ -115,7 +115,7 @@ pub fn markdown(r: &Results) -> String {
          measurement, one read of every key in order, so that caches filled by reads start warm), keys of {} bytes over a key space of {}, values of {} bytes, {} leases, {} \
          entries for the memory measurement. Amphora runs with its defaults (embedded redb store; \
          every acknowledged write is in the write-ahead log, one fsync per group commit; \
-         the B-tree takes the writes of each 20 ms in one checkpoint, made durable every 2 s; page cache of 24 MiB, entry cache of 48 MiB). etcd runs as one member with its defaults; reads use serializable \
+         a checkpoint every 20 ms writes the entries as a sorted run and the history to the B-tree, made durable every 2 s; page cache of 8 MiB, entry cache of 48 MiB). etcd runs as one member with its defaults; reads use serializable \
          ranges. Redis runs with the append-only file, `appendfsync always` (durable, the fair \
          comparison) and `everysec`. Systems are measured one after the other: the bare server, \
          Amphora, Redis `always`, Redis `everysec`, etcd, so that the bare server's gets come \

@@ -54,24 +54,25 @@ pub struct ServeOptions {
     #[serde(default, deserialize_with = "duration::opt")]
     pub history_retention: Option<Duration>,
 
-    /// Memory for the store's page cache and write buffer, in bytes
-    /// [default: 25165824].
+    /// Memory for the store's page cache and write buffer (history, leases and
+    /// metadata; entries live in sorted run files), in bytes [default: 8388608].
     #[arg(long, env = "AMPHORA_STORE_CACHE_BYTES", value_name = "BYTES")]
     pub store_cache_bytes: Option<usize>,
 
-    /// Memory for the entry cache, which answers reads of recently read entries
-    /// without the B-tree (0 turns it off) [default: 50331648].
+    /// Memory for the entry cache, which holds recently read entries and entries
+    /// written again, answering their reads and the writer's lookups without the
+    /// run files (0 turns it off) [default: 50331648].
     #[arg(long, env = "AMPHORA_ENTRY_CACHE_BYTES", value_name = "BYTES")]
     pub entry_cache_bytes: Option<usize>,
 
-    /// How often the acknowledged writes held in memory are applied to the store's
-    /// B-tree [default: 20ms].
+    /// How often the acknowledged writes held in memory are applied to the store
+    /// (a run file of entries, the history in the B-tree) [default: 20ms].
     #[arg(long, env = "AMPHORA_CHECKPOINT_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, deserialize_with = "duration::opt")]
     pub checkpoint_interval: Option<Duration>,
 
-    /// How often the store's B-tree is made durable (fsynced); until then the
-    /// write-ahead log holds every acknowledged write [default: 2s].
+    /// How often the store's run files and B-tree are made durable (fsynced);
+    /// until then the write-ahead log holds every acknowledged write [default: 2s].
     #[arg(long, env = "AMPHORA_CHECKPOINT_SYNC_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     #[serde(default, deserialize_with = "duration::opt")]
     pub checkpoint_sync_interval: Option<Duration>,
@@ -406,7 +407,7 @@ mod tests {
         assert_eq!(s.max_value_bytes, 1 << 20);
         assert_eq!(
             (s.store_cache_bytes, s.entry_cache_bytes),
-            (24 << 20, 48 << 20)
+            (8 << 20, 48 << 20)
         );
         assert_eq!(s.checkpoint_interval, Duration::from_millis(20));
         assert_eq!(s.checkpoint_sync_interval, Duration::from_secs(2));

@@ -11,7 +11,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Lets mimalloc ask for transparent huge pages (2 MiB) for the memory it takes
 /// from the OS, unless `MIMALLOC_ALLOW_LARGE_OS_PAGES` says otherwise. The entry
-/// cache and the B-tree's page cache are read at random over tens of megabytes; with
+/// cache and the store's page cache are read at random over tens of megabytes; with
 /// 4 KiB pages nearly every such read misses the TLB as well as the CPU cache.
 #[allow(unsafe_code)]
 fn allow_huge_pages() {

@@ -116,7 +116,7 @@ impl Default for RedbOptions {
             on_commit: None,
             // 72 MiB in all. 8 MiB more for the entry cache than for the page
             // cache: see the memory model in the README for what the split trades.
-            cache_bytes: 24 * 1024 * 1024,
+            cache_bytes: 8 * 1024 * 1024,
             entry_cache_bytes: 48 * 1024 * 1024,
             checkpoint_interval: Duration::from_millis(20),
             checkpoint_bytes: 64 * 1024 * 1024,
@@ -512,10 +512,11 @@ impl RedbStore {
         let Some(record) = self.shared.runs.snapshot().get(key)? else {
             return Ok(None);
         };
-        let txn = self.read()?;
         let stored = Stored::decode(&record)?;
         let mut found = stored.to_key_value(key);
         if stored.lease != 0 {
+            // Only an entry with a lease needs redb (its lease's expiry).
+            let txn = self.read()?;
             let leases = txn.open_table(LEASES).map_err(backend)?;
             let Some(lease) = lease_live(&leases, stored.lease, now_ms())? else {
                 return Ok(None);
