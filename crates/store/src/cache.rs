@@ -11,8 +11,9 @@
 //!   makes the generation of each shard they fall in odd ("in flux"); after the
 //!   commit it removes the keys again and makes the generation even.
 //! - A reader does not use a shard in flux: while a commit is publishing its
-//!   changes, readers of the shard go to the B-tree, whose snapshots are ordered, so
-//!   no reader can see an old value after another has seen the new one.
+//!   changes, readers of the shard go to the overlay and the runs, whose states are
+//!   published in order, so no reader can see an old value after another has seen
+//!   the new one.
 //! - Write-through for rewritten keys: an entry a batch writes under a key that
 //!   held one, with no lease, is inserted by the writer after the commit, while the
 //!   shard is still in flux ([`EntryCache::settle`]). A key written once is not, so a
