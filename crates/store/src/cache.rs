@@ -358,8 +358,11 @@ impl EntryCache {
         modified: Revision,
         value: &[u8],
     ) -> Option<Admitted> {
+        if !self.enabled() {
+            return None;
+        }
         let entry = Cached::of(key, create, modified, value);
-        (self.enabled() && entry.cost() <= self.shard_budget).then(|| Admitted {
+        (entry.cost() <= self.shard_budget).then(|| Admitted {
             hash: self.hash(key),
             entry,
         })
@@ -590,5 +593,7 @@ mod tests {
         let cache = EntryCache::new(0);
         assert!(matches!(cache.get(b"k"), Err(None)));
         cache.invalidate([b"k".as_slice()].into_iter());
+        assert!(cache.admit(b"k", 1, 2, b"v").is_none());
+        assert_eq!(cache.peek(b"k", |_, m, _| m), None);
     }
 }
