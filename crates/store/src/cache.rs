@@ -7,9 +7,10 @@
 //!
 //! - The cache is split in shards, each a map under its own lock and a generation
 //!   counter. The lock is held only for one map operation, never across a commit.
-//! - Before it commits a batch, the writer removes every key the batch changed and
-//!   makes the generation of each shard they fall in odd ("in flux"); after the
-//!   commit it removes the keys again and makes the generation even.
+//! - Before it commits a batch, the writer makes the generation of each shard the
+//!   keys the batch changed fall in odd ("in flux"); after the commit it removes
+//!   those keys and makes the generation even. Nobody reads a shard's entries
+//!   while it is in flux, so the keys need removing only once.
 //! - A reader does not use a shard in flux: while a commit is publishing its
 //!   changes, readers of the shard go to the overlay and the runs, whose states are
 //!   published in order, so no reader can see an old value after another has seen
@@ -381,11 +382,27 @@ impl EntryCache {
         stats
     }
 
-    /// Drops `keys` and moves the generation of their shards on: called by the
-    /// writer before a commit (leaving the shards in flux) and after it (settling
-    /// them), with the same keys.
+    /// Puts the shards of `keys` in flux (their generation odd) before the writer
+    /// commits a batch that changes them; [`Self::settle`] after the commit, with
+    /// the same keys, drops them and ends the flux.
     pub(crate) fn invalidate<'k>(&self, keys: impl Iterator<Item = &'k [u8]>) {
-        self.settle(keys, Vec::new());
+        if !self.enabled() {
+            return;
+        }
+        let mut touched = Touched::default();
+        for key in keys {
+            touched.insert(Self::shard_of(self.hash(key)));
+        }
+        self.advance(&touched);
+    }
+
+    fn advance(&self, touched: &Touched) {
+        for shard in touched.iter() {
+            let mut s = self.shards[shard]
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            s.generation += 1;
+        }
     }
 
     /// [`Self::invalidate`] after a commit, which also caches `admitted`: entries the
@@ -467,7 +484,7 @@ mod tests {
         cache.invalidate([b"k".as_slice()].into_iter());
         // In flux: no ticket, no hit.
         assert!(matches!(cache.get(b"k"), Err(None)));
-        cache.invalidate([b"k".as_slice()].into_iter());
+        cache.settle([b"k".as_slice()].into_iter(), Vec::new());
         // What the reader read may be the old value: it is not cached.
         cache.offer(t, &kv(b"k", b"old", 1));
         let t = ticket(&cache, b"k");
@@ -483,7 +500,9 @@ mod tests {
             cache.offer(t, &kv(key, b"v", 1));
         }
         cache.invalidate([b"a".as_slice()].into_iter());
-        cache.invalidate([b"a".as_slice()].into_iter());
+        // In flux: the shard is not read.
+        assert!(matches!(cache.get(b"a"), Err(None)));
+        cache.settle([b"a".as_slice()].into_iter(), Vec::new());
         assert!(matches!(cache.get(b"a"), Err(Some(_))));
         assert!(cache.get(b"b").is_ok());
     }

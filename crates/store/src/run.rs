@@ -252,6 +252,8 @@ pub(crate) struct RunWriter {
     path: PathBuf,
     out: BufWriter<File>,
     written: u64,
+    /// The length of the recycled file it overwrites (0 for a new file).
+    reused: u64,
     block: Vec<u8>,
     offsets: Vec<u32>,
     blocks: IndexBuilder,
@@ -270,17 +272,38 @@ impl RunWriter {
             .create_new(true)
             .open(path)
             .map_err(|e| io_error(path, e))?;
-        Ok(RunWriter {
+        Ok(RunWriter::on(path, file, 0))
+    }
+
+    /// Starts a run at `path` in the file `spare`, renamed to `path` (which must not
+    /// exist) and overwritten from the start; `finish` cuts off what is left of
+    /// the old contents. Cheaper than a new file: no inode is allocated or freed,
+    /// and blocks the new run overwrites need no allocation. Nobody may read
+    /// `spare` any more.
+    pub(crate) fn reuse(spare: &Path, path: &Path) -> Result<RunWriter> {
+        std::fs::rename(spare, path).map_err(|e| io_error(spare, e))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| io_error(path, e))?;
+        let reused = file.metadata().map_err(|e| io_error(path, e))?.len();
+        Ok(RunWriter::on(path, file, reused))
+    }
+
+    fn on(path: &Path, file: File, reused: u64) -> RunWriter {
+        RunWriter {
             path: path.to_owned(),
             out: BufWriter::with_capacity(256 * 1024, file),
             written: 0,
+            reused,
             block: Vec::with_capacity(BLOCK_TARGET),
             offsets: Vec::new(),
             blocks: IndexBuilder::default(),
             hashes: Vec::new(),
             entries: 0,
             last_key: Vec::new(),
-        })
+        }
     }
 
     /// Appends an entry; its key must sort after the previous one's.
@@ -395,6 +418,9 @@ impl RunWriter {
             .out
             .into_inner()
             .map_err(|e| io_error(&path, e.into_error()))?;
+        if self.reused > self.written {
+            file.set_len(self.written).map_err(|e| io_error(&path, e))?;
+        }
         if sync {
             file.sync_data().map_err(|e| io_error(&path, e))?;
         }
@@ -527,6 +553,14 @@ impl Run {
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The file's length in bytes.
+    pub(crate) fn file_len(&self) -> Result<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| io_error(&self.path, e))
     }
 
     /// Makes the file durable (its directory entry is the caller's business),
