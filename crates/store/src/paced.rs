@@ -13,6 +13,7 @@
 use std::fs::File;
 use std::io;
 use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use redb::StorageBackend;
@@ -50,8 +51,16 @@ impl PacedFile {
 /// Writes every dirty page of `file` to the disk, one step at a time, resting after
 /// each as long as it took (see above). Sorted runs (`run.rs`) use it too: a durable
 /// checkpoint fsyncs every run written since the last one, tens of MiB under load.
-#[cfg(target_os = "linux")]
 pub(crate) fn write_back(file: &File) -> io::Result<()> {
+    static NEVER: AtomicBool = AtomicBool::new(false);
+    write_back_unless(file, &NEVER)
+}
+
+/// [`write_back`], given up between two steps once `stop` is set (an
+/// [`io::ErrorKind::Interrupted`] error): a merge's output, which may be the whole
+/// store, is written back while the store may be closing.
+#[cfg(target_os = "linux")]
+pub(crate) fn write_back_unless(file: &File, stop: &AtomicBool) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let len = file.metadata()?.len();
     let fd = file.as_raw_fd();
@@ -60,6 +69,12 @@ pub(crate) fn write_back(file: &File) -> io::Result<()> {
         | libc::SYNC_FILE_RANGE_WAIT_AFTER;
     let mut offset = 0;
     while offset < len {
+        if stop.load(Ordering::Acquire) {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "the write-back was stopped",
+            ));
+        }
         let started = Instant::now();
         // SAFETY: `fd` belongs to `file`, open for the whole call; the call only reads
         // its arguments.
@@ -78,7 +93,7 @@ pub(crate) fn write_back(file: &File) -> io::Result<()> {
 }
 
 #[cfg(not(target_os = "linux"))]
-pub(crate) fn write_back(_file: &File) -> io::Result<()> {
+pub(crate) fn write_back_unless(_file: &File, _stop: &AtomicBool) -> io::Result<()> {
     Ok(())
 }
 

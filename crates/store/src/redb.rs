@@ -1157,7 +1157,8 @@ fn merge_into(
     // Written back and fsynced here, in the background: left to the next durable
     // checkpoint, the whole store's worth of a large merge held the checkpoint thread
     // for seconds, and the overlay grew meanwhile (by tens of MiB under load).
-    output.run.sync()?;
+    // Given up when the store closes meanwhile, like the merge itself.
+    output.run.sync_unless(stop)?;
     let mut runs = shared.runs.begin();
     let mut txn = shared.db.begin_write().map_err(backend)?;
     txn.set_durability(redb::Durability::None)

@@ -573,6 +573,20 @@ impl Run {
             .map_err(|e| io_error(&self.path, e))
     }
 
+    /// [`Run::sync`] for a merge's output: given up, with
+    /// [`StoreError::Unavailable`], once `stop` is set (the store is closing and the
+    /// output will not be named).
+    pub(crate) fn sync_unless(&self, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+        match crate::paced::write_back_unless(&self.file, stop) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                Err(StoreError::Unavailable("the merge was stopped".into()))
+            }
+            written => written
+                .and_then(|()| self.file.sync_data())
+                .map_err(|e| io_error(&self.path, e)),
+        }
+    }
+
     /// The run's entry for `key`, if it has one.
     #[cfg(test)]
     pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Entry>> {
@@ -1338,6 +1352,12 @@ mod tests {
             .merge(&inputs, 3, &path, false, &AtomicBool::new(false))
             .unwrap();
         assert_eq!(merged.run.entries(), 10_000);
+        // Its write-back is given up too once the store closes.
+        assert!(matches!(
+            merged.run.sync_unless(&AtomicBool::new(true)),
+            Err(StoreError::Unavailable(_))
+        ));
+        merged.run.sync_unless(&AtomicBool::new(false)).unwrap();
     }
 
     #[test]
