@@ -492,13 +492,19 @@ mod tests {
         assert_eq!(cache.get(b"k").ok(), Some(kv(b"k", b"new", 2)));
     }
 
-    #[test]
-    fn a_commit_drops_the_keys_it_changes_and_only_those() {
+    /// A cache holding `a` and `b` with `value`, as readers offered them.
+    fn holding_a_and_b(value: &[u8]) -> EntryCache {
         let cache = EntryCache::new(1 << 20);
         for key in [b"a", b"b"] {
             let t = ticket(&cache, key);
-            cache.offer(t, &kv(key, b"v", 1));
+            cache.offer(t, &kv(key, value, 1));
         }
+        cache
+    }
+
+    #[test]
+    fn a_commit_drops_the_keys_it_changes_and_only_those() {
+        let cache = holding_a_and_b(b"v");
         cache.invalidate([b"a".as_slice()].into_iter());
         // In flux: the shard is not read.
         assert!(matches!(cache.get(b"a"), Err(None)));
@@ -577,11 +583,7 @@ mod tests {
 
     #[test]
     fn a_commit_caches_what_it_admits_and_drops_the_rest() {
-        let cache = EntryCache::new(1 << 20);
-        for key in [b"a", b"b"] {
-            let t = ticket(&cache, key);
-            cache.offer(t, &kv(key, b"old", 1));
-        }
+        let cache = holding_a_and_b(b"old");
         let admitted = cache.admit(b"a", 1, 2, b"new").expect("fits");
         let changed = [b"a".as_slice(), b"b".as_slice(), b"c".as_slice()];
         cache.invalidate(changed.into_iter());

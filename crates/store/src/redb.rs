@@ -1800,8 +1800,8 @@ impl Writer {
             }
         }
         let (outcomes, compacted, staged) = applied?;
-        // The entry cache drops the changed keys around the publication (see
-        // cache.rs). The batch is durable in the log before anyone can see it.
+        // The entry cache's shards of the changed keys are in flux during the
+        // publication, and the keys are dropped after it (see cache.rs). The batch is durable in the log before anyone can see it.
         // Entries the batch wrote under keys written before are cached as it settles
         // (see `OverlayTables`).
         let changed = || events[first_event..].iter().map(|e| e.key.as_slice());
