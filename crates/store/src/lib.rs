@@ -15,6 +15,7 @@ use std::time::Duration;
 
 mod cache;
 mod error;
+mod history;
 mod kvruns;
 mod overlay;
 mod paced;

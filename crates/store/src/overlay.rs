@@ -30,9 +30,10 @@
 //! once redb holds all of it.
 
 use crate::cache::{Admitted, EntryCache};
+use crate::history::{self, HISTORY, decode_event};
 use crate::redb::{
-    GRAVES, LEASE_EXPIRY, LEASES, LOG, Stored, backend, check_compacted, compacted_in,
-    decode_event, entries_in, lease_live, live_lease,
+    GRAVES, LEASE_EXPIRY, LEASES, Stored, backend, check_compacted, compacted_in, entries_in,
+    lease_live, live_lease,
 };
 use crate::run::RunSet;
 use crate::{Event, KeyValue, Lease, LeaseId, Page, Result, Revision};
@@ -110,7 +111,7 @@ impl Changes {
 /// that hold `kv` as of it.
 pub(crate) struct Base {
     runs: Arc<RunSet>,
-    log: ReadOnlyTable<u64, &'static [u8]>,
+    history: ReadOnlyTable<u64, &'static [u8]>,
     graves: ReadOnlyTable<&'static [u8], u64>,
     leases: ReadOnlyTable<u64, (u64, u64)>,
     lease_expiry: ReadOnlyTable<(u64, u64), ()>,
@@ -127,7 +128,7 @@ impl Base {
             compacted: compacted_in(txn)?,
             entries: entries_in(txn)?,
             runs,
-            log: txn.open_table(LOG).map_err(backend)?,
+            history: txn.open_table(HISTORY).map_err(backend)?,
             graves: txn.open_table(GRAVES).map_err(backend)?,
             leases: txn.open_table(LEASES).map_err(backend)?,
             lease_expiry: txn.open_table(LEASE_EXPIRY).map_err(backend)?,
@@ -339,10 +340,7 @@ impl Overlay {
                     return decode_event(revision, bytes).map(Some);
                 }
             }
-            match self.base.log.get(revision).map_err(backend)? {
-                Some(bytes) => decode_event(revision, bytes.value()).map(Some),
-                None => Ok(None),
-            }
+            history::get(&self.base.history, revision)
         })
     }
 
@@ -352,10 +350,7 @@ impl Overlay {
         check_compacted(self.base.compacted, from)?;
         // Revisions grow from the base to the frozen layer to the current one.
         let mut out = Vec::new();
-        for item in self.base.log.range(from..).map_err(backend)?.take(limit) {
-            let (k, v) = item.map_err(backend)?;
-            out.push(decode_event(k.value(), v.value())?.0);
-        }
+        history::read_from(&self.base.history, from, limit, &mut out)?;
         for layer in self.frozen.iter().chain(std::iter::once(&self.current)) {
             for (revision, bytes) in read(layer).log.range(from..) {
                 if out.len() == limit {

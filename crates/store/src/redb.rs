@@ -27,9 +27,10 @@
 //! merge thread (`Merger`) merges runs in the background.
 //!
 //! Tables:
-//! - `log`: revision → event (the change feed); each event also names the revision
-//!   of the previous event of the same key, so a key's history is a chain through
-//!   the log that starts at its entry (or its grave) and costs no index of its own;
+//! - `history`: the events (the change feed), in chunks (`history.rs`); each event
+//!   also names the revision of the previous event of the same key, so a key's
+//!   history is a chain through them that starts at its entry (or its grave) and
+//!   costs no index of its own;
 //! - `graves`: key → revision of its deletion, for deleted keys whose deletion is
 //!   still in the log (where a deleted key's history starts);
 //! - `leases`: lease → (ttl ms, expiry ms); `lease_expiry`: (expiry ms, lease) → ();
@@ -38,9 +39,11 @@
 //! - `meta`: "revision", "next_lease", "compacted", "batch_seq", "entries" → u64.
 //!
 //! A database from before the runs has a `kv` table; the first open moves it into
-//! one run (`migrate_kv`).
+//! one run (`migrate_kv`). One from before the chunks has a `log` table, which it
+//! moves into `history` (`history::migrate_log`).
 
 use crate::cache::EntryCache;
+use crate::history::{self, HISTORY, encode_event};
 use crate::kvruns::{KvWrite, Runs, RunsChange};
 use crate::overlay::{Base, Layer, Overlay, OverlayTables, Tables};
 use crate::wal::{Appender, Wal};
@@ -60,7 +63,6 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 /// Where `kv` was before it moved into runs (see `migrate_kv`).
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
-pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 pub(crate) const GRAVES: TableDefinition<&[u8], u64> = TableDefinition::new("graves");
 pub(crate) const LEASES: TableDefinition<u64, (u64, u64)> = TableDefinition::new("leases");
 pub(crate) const LEASE_EXPIRY: TableDefinition<(u64, u64), ()> =
@@ -280,59 +282,6 @@ impl<'a> Stored<'a> {
     }
 }
 
-/// A log event: kind, time, the revision of the key's previous event (0: none),
-/// the key, the value.
-fn encode_event(kind: EventKind, at_ms: u64, prev: Revision, key: &[u8], value: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(21 + key.len() + value.len());
-    out.push(match kind {
-        EventKind::Put => 1,
-        EventKind::Delete => 2,
-    });
-    out.extend_from_slice(&at_ms.to_be_bytes());
-    out.extend_from_slice(&prev.to_be_bytes());
-    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
-    out.extend_from_slice(key);
-    out.extend_from_slice(value);
-    out
-}
-
-/// Decodes a log event; answers it with the revision of the key's previous event.
-pub(crate) fn decode_event(revision: Revision, bytes: &[u8]) -> Result<(Event, Revision)> {
-    let bad = || StoreError::Corrupted(format!("log record {revision} is malformed"));
-    if bytes.len() < 21 {
-        return Err(bad());
-    }
-    let kind = match bytes[0] {
-        1 => EventKind::Put,
-        2 => EventKind::Delete,
-        _ => return Err(bad()),
-    };
-    let at_ms = u64::from_be_bytes(bytes[1..9].try_into().expect("8 bytes"));
-    let prev = u64::from_be_bytes(bytes[9..17].try_into().expect("8 bytes"));
-    let key_len = u32::from_be_bytes(bytes[17..21].try_into().expect("4 bytes")) as usize;
-    let key = bytes.get(21..21 + key_len).ok_or_else(bad)?.to_vec();
-    let event = Event {
-        revision,
-        kind,
-        key,
-        value: bytes[21 + key_len..].to_vec(),
-        at_ms,
-    };
-    Ok((event, prev))
-}
-
-/// A log event's kind and time, without decoding the rest.
-fn event_head(revision: Revision, bytes: &[u8]) -> Result<(EventKind, u64)> {
-    let bad = || StoreError::Corrupted(format!("log record {revision} is malformed"));
-    let kind = match bytes.first() {
-        Some(1) => EventKind::Put,
-        Some(2) => EventKind::Delete,
-        _ => return Err(bad()),
-    };
-    let at_ms = bytes.get(1..9).ok_or_else(bad)?;
-    Ok((kind, u64::from_be_bytes(at_ms.try_into().expect("8 bytes"))))
-}
-
 /// Walks a key's history back from its newest event; `lookup` finds an event and
 /// the revision of the one before it, or nothing where compaction took it (the
 /// history ends there).
@@ -403,9 +352,10 @@ impl RedbStore {
             let runs = Runs::open(&crate::kvruns::dir_beside(path), &txn)?;
             let mut migration = runs.begin();
             migrate_kv(&txn, &mut migration)?;
+            history::migrate_log(&txn)?;
             let meta_values = {
                 // Create every table up front so readers never meet a missing one.
-                txn.open_table(LOG).map_err(backend)?;
+                txn.open_table(HISTORY).map_err(backend)?;
                 txn.open_table(GRAVES).map_err(backend)?;
                 txn.open_table(LEASES).map_err(backend)?;
                 txn.open_table(LEASE_EXPIRY).map_err(backend)?;
@@ -651,7 +601,7 @@ impl Store for RedbStore {
         let record = self.shared.runs.snapshot().get(key)?;
         let txn = self.read()?;
         let graves = txn.open_table(GRAVES).map_err(backend)?;
-        let log = txn.open_table(LOG).map_err(backend)?;
+        let log = txn.open_table(HISTORY).map_err(backend)?;
         // The newest event: the entry's last change, or its deletion.
         let newest = match record {
             Some(record) => Stored::decode(&record)?.modified,
@@ -661,12 +611,7 @@ impl Store for RedbStore {
                 .map(|g| g.value())
                 .unwrap_or(0),
         };
-        follow_history(newest, limit, |revision| {
-            match log.get(revision).map_err(backend)? {
-                Some(bytes) => decode_event(revision, bytes.value()).map(Some),
-                None => Ok(None),
-            }
-        })
+        follow_history(newest, limit, |revision| history::get(&log, revision))
     }
 
     async fn changes(&self, from: Revision, limit: usize) -> Result<Vec<Event>> {
@@ -678,12 +623,9 @@ impl Store for RedbStore {
         // the load above is in it, and may not pass for a gap in the log.
         let txn = self.read()?;
         check_compacted(compacted_in(&txn)?, from)?;
-        let log = txn.open_table(LOG).map_err(backend)?;
+        let log = txn.open_table(HISTORY).map_err(backend)?;
         let mut out = Vec::new();
-        for item in log.range(from..).map_err(backend)?.take(limit) {
-            let (k, v) = item.map_err(backend)?;
-            out.push(decode_event(k.value(), v.value())?.0);
-        }
+        history::read_from(&log, from, limit, &mut out)?;
         Ok(out)
     }
 
@@ -1190,7 +1132,9 @@ fn write_meta(
 /// and its changes kept for one run at commit.
 struct RedbTables<'t> {
     kv: KvWrite,
-    log: redb::Table<'t, u64, &'static [u8]>,
+    history: redb::Table<'t, u64, &'static [u8]>,
+    /// Events recorded since the last [`Self::flush_history`].
+    events: history::ChunkBuilder,
     graves: redb::Table<'t, &'static [u8], u64>,
     leases: redb::Table<'t, u64, (u64, u64)>,
     lease_expiry: redb::Table<'t, (u64, u64), ()>,
@@ -1201,7 +1145,8 @@ impl<'t> RedbTables<'t> {
     fn open(txn: &'t redb::WriteTransaction, runs: Arc<crate::run::RunSet>) -> Result<Self> {
         Ok(RedbTables {
             kv: KvWrite::new(runs),
-            log: txn.open_table(LOG).map_err(backend)?,
+            history: txn.open_table(HISTORY).map_err(backend)?,
+            events: history::ChunkBuilder::default(),
             graves: txn.open_table(GRAVES).map_err(backend)?,
             leases: txn.open_table(LEASES).map_err(backend)?,
             lease_expiry: txn.open_table(LEASE_EXPIRY).map_err(backend)?,
@@ -1211,11 +1156,10 @@ impl<'t> RedbTables<'t> {
 
     /// Applies an overlay's changes but those of `kv` (see `apply_layer`).
     fn apply(&mut self, changes: &crate::overlay::Changes) -> Result<()> {
-        for (revision, event) in &changes.log {
-            self.log
-                .insert(revision, event.as_slice())
-                .map_err(backend)?;
-        }
+        history::append(
+            &mut self.history,
+            changes.log.iter().map(|(r, e)| (*r, e.as_slice())),
+        )?;
         for (key, grave) in &changes.graves {
             match grave {
                 Some(r) => self.graves.insert(key.as_slice(), r).map(|_| ()),
@@ -1238,6 +1182,12 @@ impl<'t> RedbTables<'t> {
         }
         Ok(())
     }
+
+    /// Writes the events recorded through [`Tables::log_insert`] to the history,
+    /// as chunks. Before the transaction commits, and before the history is read.
+    fn flush_history(&mut self) -> Result<()> {
+        self.events.write(&mut self.history)
+    }
 }
 
 impl Tables for RedbTables<'_> {
@@ -1258,9 +1208,7 @@ impl Tables for RedbTables<'_> {
     }
 
     fn log_insert(&mut self, revision: Revision, event: Vec<u8>) -> Result<()> {
-        self.log
-            .insert(revision, event.as_slice())
-            .map_err(backend)?;
+        self.events.push(revision, &event);
         Ok(())
     }
 
@@ -1900,6 +1848,7 @@ impl Writer {
                         unreachable!("run_ops decides these")
                     }
                 })?;
+            t.flush_history()?;
             runs.add(txn, crate::kvruns::changes(&t.kv.pending))?;
             crate::kvruns::add_entries(txn, t.kv.entries)?;
             outcomes
@@ -2193,34 +2142,16 @@ impl Writer {
     }
 
     fn compact(&mut self, t: &mut RedbTables, before_ms: u64) -> Result<(usize, Option<Revision>)> {
-        // One pass reads the head of the log as far as it is older than the cutoff,
-        // decoding each event's kind and time only (and a deletion's key); one more
-        // removes that range.
-        let mut count = 0;
-        let mut last = None;
-        let mut deletions = Vec::new();
-        for item in t
-            .log
-            .iter()
-            .map_err(backend)?
-            .take(self.options.compaction_step)
-        {
-            let (k, v) = item.map_err(backend)?;
-            let (revision, bytes) = (k.value(), v.value());
-            let (kind, at_ms) = event_head(revision, bytes)?;
-            if at_ms >= before_ms {
-                break;
-            }
-            if kind == EventKind::Delete {
-                deletions.push((revision, decode_event(revision, bytes)?.0.key));
-            }
-            count += 1;
-            last = Some(revision);
-        }
+        // Events this batch recorded before are in the history first.
+        t.flush_history()?;
+        let history::Compacted {
+            count,
+            last,
+            deletions,
+        } = history::compact(&mut t.history, before_ms, self.options.compaction_step)?;
         let Some(last) = last else {
             return Ok((0, None));
         };
-        t.log.retain_in(..=last, |_, _| false).map_err(backend)?;
         for (revision, key) in deletions {
             // The grave points at this deletion only while no newer incarnation exists.
             let points_here = t

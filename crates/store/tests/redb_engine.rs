@@ -20,6 +20,20 @@ fn constant_checkpoints() -> RedbOptions {
     }
 }
 
+/// Waits until the store has made more than `before` checkpoints (one with
+/// `checkpoint_interval` zero checkpoints as long as its overlay holds anything).
+async fn checkpoint_after(s: &RedbStore, before: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while s.checkpoint_stats().checkpoints <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint in 30 s: {:?}",
+            s.checkpoint_stats()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}
+
 /// The same with every checkpoint durable: the log switches files and empties them
 /// all the time.
 fn constant_syncs() -> RedbOptions {
@@ -344,6 +358,7 @@ async fn lease_operations_in_the_overlay_survive_a_crash() {
     type Write<'a> =
         std::pin::Pin<Box<dyn std::future::Future<Output = amphora_store::Result<()>> + Send + 'a>>;
     for round in 0..10usize {
+        let checkpoints = s.checkpoint_stats().checkpoints;
         let mut writes: Vec<Write> = Vec::new();
         for i in 0..40usize {
             let lease = leases[(round + i) % leases.len()].id;
@@ -366,10 +381,13 @@ async fn lease_operations_in_the_overlay_survive_a_crash() {
         for w in futures_like_join(writes).await {
             w.unwrap();
         }
+        // Each round's operations reach redb in a checkpoint of their own, even
+        // where a loaded machine makes one checkpoint outlast several batches.
+        checkpoint_after(&s, checkpoints).await;
     }
     let stats = s.checkpoint_stats();
     assert_eq!(stats.barrier_batches, 0, "{stats:?}");
-    assert!(stats.checkpoints > 1, "{stats:?}");
+    assert!(stats.checkpoints >= 10, "{stats:?}");
     let state = State::of(&s).await;
     assert_eq!(state.count, 40);
     let mut expiries = Vec::new();
@@ -991,6 +1009,112 @@ async fn a_kv_table_from_before_runs_is_moved_into_one() {
     );
     assert_eq!(store.entry_count().await.unwrap(), 300);
     store.close().await.unwrap();
+}
+
+/// A database from before the history chunks: the `log` table (one entry per
+/// event) moves into `history` at open, and reads the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_table_from_before_history_chunks_is_moved_into_chunks() {
+    use amphora_store::{Condition, EventKind, Put, Store};
+    use redb::ReadableDatabase;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.redb");
+    // The old layout: kind, time, previous revision of the key, key length, key,
+    // value. key0001 is written at 1 and again at 201 (after a deletion at 200).
+    let event = |kind: u8, at: u64, prev: u64, key: &str, value: &str| {
+        let mut e = vec![kind];
+        e.extend_from_slice(&at.to_be_bytes());
+        e.extend_from_slice(&prev.to_be_bytes());
+        e.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        e.extend_from_slice(key.as_bytes());
+        e.extend_from_slice(value.as_bytes());
+        e
+    };
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let log: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
+            let mut log = txn.open_table(log).unwrap();
+            for i in 1..=199u64 {
+                let e = event(1, 1000 + i, 0, &format!("key{i:04}"), &format!("v{i}"));
+                log.insert(i, e.as_slice()).unwrap();
+            }
+            log.insert(200, event(2, 1200, 1, "key0001", "").as_slice())
+                .unwrap();
+            log.insert(201, event(1, 1201, 200, "key0001", "again").as_slice())
+                .unwrap();
+            let kv: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("kv");
+            let mut kv = txn.open_table(kv).unwrap();
+            for i in 1..=199u64 {
+                let (create, value) = if i == 1 {
+                    (201, "again".to_string())
+                } else {
+                    (i, format!("v{i}"))
+                };
+                let mut record = Vec::new();
+                for field in [create, create, 0] {
+                    record.extend_from_slice(&field.to_be_bytes());
+                }
+                record.extend_from_slice(value.as_bytes());
+                kv.insert(format!("key{i:04}").as_bytes(), record.as_slice())
+                    .unwrap();
+            }
+            let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+            txn.open_table(meta)
+                .unwrap()
+                .insert("revision", 201)
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = RedbStore::open(&path, RedbOptions::default()).unwrap();
+    let revisions =
+        |events: Vec<amphora_store::Event>| events.iter().map(|e| e.revision).collect::<Vec<_>>();
+    let history = store.history(b"key0001", 10).await.unwrap();
+    assert_eq!(revisions(history.clone()), [201, 200, 1]);
+    assert_eq!(history[0].value, b"again");
+    assert_eq!(history[1].kind, EventKind::Delete);
+    assert_eq!(
+        (history[2].value.as_slice(), history[2].at_ms),
+        (&b"v1"[..], 1001)
+    );
+    assert_eq!(
+        revisions(store.changes(1, 1000).await.unwrap()),
+        (1..=201).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        revisions(store.changes(60, 5).await.unwrap()),
+        [60, 61, 62, 63, 64]
+    );
+    // New events follow; reopened, the old and the new read back.
+    store
+        .put(Put::new(
+            b"key0001".to_vec(),
+            b"third".to_vec(),
+            Condition::None,
+        ))
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+    drop(store);
+    let store = RedbStore::open(&path, RedbOptions::default()).unwrap();
+    assert_eq!(
+        revisions(store.history(b"key0001", 10).await.unwrap()),
+        [202, 201, 200, 1]
+    );
+    assert_eq!(store.changes(1, 1000).await.unwrap().len(), 202);
+    store.close().await.unwrap();
+    drop(store);
+    let db = redb::Database::open(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let tables: Vec<String> = txn
+        .list_tables()
+        .unwrap()
+        .map(|t| redb::TableHandle::name(&t).to_string())
+        .collect();
+    assert!(!tables.contains(&"log".to_string()), "{tables:?}");
+    assert!(tables.contains(&"history".to_string()), "{tables:?}");
 }
 
 /// Checkpoint after checkpoint adds a run; merges keep their number small, and the
