@@ -77,7 +77,8 @@ pub struct ServeOptions {
     #[serde(default, deserialize_with = "duration::opt")]
     pub checkpoint_sync_interval: Option<Duration>,
 
-    /// The most entries one COMET enumerateScope answers [default: 100000].
+    /// The most entries one COMET enumerateScope answers; it reads at most ten times
+    /// as many (plus 100), visible to the caller or not [default: 100000].
     #[arg(long, env = "AMPHORA_MAX_ENUMERATE", value_name = "N")]
     pub max_enumerate: Option<usize>,
 

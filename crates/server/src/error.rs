@@ -71,6 +71,9 @@ pub enum ApiError {
     /// The request body is larger than the server accepts.
     #[error("request body too large: the limit is {0} bytes")]
     BodyTooLarge(usize),
+    /// An answer without pagination (COMET's enumerateScope) would pass its bounds.
+    #[error("{0}")]
+    TooManyEntries(String),
     /// The request body stopped arriving.
     #[error("no part of the request body arrived for {0} s")]
     BodyTimeout(u64),
@@ -119,6 +122,7 @@ impl ApiError {
             PreconditionFailed(_) => (StatusCode::PRECONDITION_FAILED, "precondition_failed"),
             ValueTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "value_too_large"),
             BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            TooManyEntries(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_many_entries"),
             BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             Overloaded => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
             Compacted(_) => (StatusCode::GONE, "history_compacted"),
@@ -203,6 +207,7 @@ mod tests {
             ApiError::PreconditionFailed("x".into()),
             ApiError::ValueTooLarge(ModelError::ValueTooLarge { len: 2, max: 1 }),
             ApiError::BodyTooLarge(1),
+            ApiError::TooManyEntries("x".into()),
             ApiError::Overloaded,
             ApiError::Compacted(1),
             ApiError::TooManyWatchers("in all"),

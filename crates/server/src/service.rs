@@ -184,6 +184,8 @@ pub struct Listing {
     pub entries: Vec<Entry>,
     /// Store key to continue after, when more may follow.
     pub next: Option<Vec<u8>>,
+    /// Entries read to answer (visible or not).
+    pub examined: usize,
 }
 
 /// Tracks the last access of each entry for COMET's idle expiry.
@@ -811,6 +813,7 @@ impl Service {
             let now = now_ms();
             for kv in &page.items {
                 budget = budget.saturating_sub(1);
+                listing.examined += 1;
                 after = Some(kv.key.clone());
                 let Some(record) = self.live(kv, now)? else {
                     continue;
@@ -840,7 +843,10 @@ impl Service {
     }
 
     /// Every visible entry of a context or family, for COMET's enumerateScope, which
-    /// has no pagination. Refused beyond `max_enumerate` entries.
+    /// has no pagination. Refused beyond `max_enumerate` visible entries, or beyond
+    /// `max_enumerate × 10 + 100` entries read (visible or not), the bound of a
+    /// listing's scan: a caller who sees few of a context's entries cannot make the
+    /// server read all of them.
     pub async fn enumerate(
         &self,
         caller: &Caller,
@@ -864,13 +870,26 @@ impl Service {
         read: &str,
     ) -> Result<Vec<Entry>, ApiError> {
         let max = self.settings.max_enumerate;
+        let max_examined = max.saturating_mul(10).saturating_add(100);
         let mut out = Vec::new();
+        let mut examined = 0usize;
         let mut after = None;
+        // A page reads at most `limit × 10 + 100` entries: checked between pages, the
+        // bound is passed by at most one page.
+        let limit = max.saturating_add(1).min(1000);
         loop {
-            let page = self.list_inner(context, family, read, after, 1000).await?;
+            let page = self.list_inner(context, family, read, after, limit).await?;
             out.extend(page.entries);
+            examined = examined.saturating_add(page.examined);
             if out.len() > max {
-                return Err(ApiError::BodyTooLarge(max));
+                return Err(ApiError::TooManyEntries(format!(
+                    "enumerateScope answers at most {max} entries; name a family, or page through the native API's listing"
+                )));
+            }
+            if examined > max_examined && page.next.is_some() {
+                return Err(ApiError::TooManyEntries(format!(
+                    "enumerateScope reads at most {max_examined} entries of a context (visible to this token or not); name a family, or page through the native API's listing"
+                )));
             }
             match page.next {
                 Some(next) => after = Some(next),

@@ -563,3 +563,76 @@ async fn values_up_to_the_limit_are_stored_whole() {
     // above. Past the 16 MiB drained, the refusal may reach a client that is still
     // sending as a reset connection, so none is sent here.)
 }
+
+/// COMET's enumerateScope has no pagination: it refuses past `--max-enumerate`
+/// visible entries, and past `--max-enumerate × 10 + 100` entries read, so a caller
+/// who sees few of a context's entries cannot make the server read all of them.
+#[tokio::test]
+async fn an_enumeration_is_bounded_in_what_it_answers_and_what_it_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("d"), &["--max-enumerate", "3"]);
+    let c = client();
+    let write = |ctx: &str, family: &str, key: &str, read: &str| {
+        let url = s.url(&comet(
+            "writeScope",
+            &format!(
+                "contextID={ctx}&family={family}&Key={key}&readToken={read}&writeToken={WRITE}"
+            ),
+        ));
+        let c = c.clone();
+        async move {
+            let r = c.post(url).body("v").send().await.unwrap();
+            assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        }
+    };
+    // The status and the envelope of an enumeration of `ctx`.
+    let enumerate = |ctx: &str| {
+        let request = c.get(s.url(&comet(
+            "enumerateScope",
+            &format!("contextID={ctx}&readToken={READ}"),
+        )));
+        async move {
+            let r = request.send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let answered = |(status, body): (reqwest::StatusCode, Value)| {
+        assert_eq!(status, 200, "{body}");
+        body["value"]["entries"].as_array().map_or(0, Vec::len)
+    };
+    let refused = |(status, body): (reqwest::StatusCode, Value), says: &str| {
+        assert_eq!(status, 413, "{body}");
+        assert_eq!(body["status"], "error", "{body}");
+        assert_eq!(body["value"]["error"], "too_many_entries", "{body}");
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{body}");
+    };
+    // Three visible entries are answered; a fourth is one too many.
+    for key in ["a", "b", "c"] {
+        write("c", "f", key, READ).await;
+    }
+    assert_eq!(answered(enumerate("c").await), 3);
+    write("c", "f", "d", READ).await;
+    refused(enumerate("c").await, "at most 3 entries");
+    // Two visible entries behind 120 others are answered (122 read, within 130);
+    // behind 200 others they are not.
+    for i in 0..200 {
+        write("d", "a", &format!("k{i:03}"), "OtherRead9").await;
+        if i == 119 {
+            write("d", "z", "x", READ).await;
+            write("d", "z", "y", READ).await;
+            assert_eq!(answered(enumerate("d").await), 2);
+        }
+    }
+    refused(enumerate("d").await, "reads at most 130 entries");
+    // Named, the family is answered.
+    let r = c
+        .get(s.url(&comet(
+            "enumerateScope",
+            &format!("contextID=d&family=z&readToken={READ}"),
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
