@@ -951,6 +951,27 @@ fn run_files(dir: &std::path::Path) -> Vec<String> {
     names
 }
 
+/// Writes `kv` and `meta` as a database from before the runs held them: a `kv`
+/// table whose record is create, mod, lease (u64 BE each), then the value (each
+/// entry's create and mod revisions are the same here), and the revision.
+fn write_old_kv(txn: &redb::WriteTransaction, entries: &[(String, u64, String)], revision: u64) {
+    let kv: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("kv");
+    let mut kv = txn.open_table(kv).unwrap();
+    for (key, modified, value) in entries {
+        let mut record = Vec::new();
+        for field in [*modified, *modified, 0] {
+            record.extend_from_slice(&field.to_be_bytes());
+        }
+        record.extend_from_slice(value.as_bytes());
+        kv.insert(key.as_bytes(), record.as_slice()).unwrap();
+    }
+    let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+    txn.open_table(meta)
+        .unwrap()
+        .insert("revision", revision)
+        .unwrap();
+}
+
 /// A database written before `kv` lived in runs (its entries in redb's `kv`
 /// table) opens with every entry, moved into one run, and stays so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -959,27 +980,12 @@ async fn a_kv_table_from_before_runs_is_moved_into_one() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.redb");
     {
-        // The old layout: record = create, mod, lease (u64 BE each), then the value.
         let db = redb::Database::create(&path).unwrap();
         let txn = db.begin_write().unwrap();
-        {
-            let kv: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("kv");
-            let mut kv = txn.open_table(kv).unwrap();
-            for i in 1..=300u64 {
-                let mut record = Vec::new();
-                for field in [i, i, 0] {
-                    record.extend_from_slice(&field.to_be_bytes());
-                }
-                record.extend_from_slice(format!("value {i}").as_bytes());
-                kv.insert(format!("key{i:04}").as_bytes(), record.as_slice())
-                    .unwrap();
-            }
-            let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
-            txn.open_table(meta)
-                .unwrap()
-                .insert("revision", 300)
-                .unwrap();
-        }
+        let entries: Vec<_> = (1..=300u64)
+            .map(|i| (format!("key{i:04}"), i, format!("value {i}")))
+            .collect();
+        write_old_kv(&txn, &entries, 300);
         txn.commit().unwrap();
     }
     let store = RedbStore::open(&path, RedbOptions::default()).unwrap();
@@ -1044,28 +1050,14 @@ async fn a_log_table_from_before_history_chunks_is_moved_into_chunks() {
                 .unwrap();
             log.insert(201, event(1, 1201, 200, "key0001", "again").as_slice())
                 .unwrap();
-            let kv: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("kv");
-            let mut kv = txn.open_table(kv).unwrap();
-            for i in 1..=199u64 {
-                let (create, value) = if i == 1 {
-                    (201, "again".to_string())
-                } else {
-                    (i, format!("v{i}"))
-                };
-                let mut record = Vec::new();
-                for field in [create, create, 0] {
-                    record.extend_from_slice(&field.to_be_bytes());
-                }
-                record.extend_from_slice(value.as_bytes());
-                kv.insert(format!("key{i:04}").as_bytes(), record.as_slice())
-                    .unwrap();
-            }
-            let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
-            txn.open_table(meta)
-                .unwrap()
-                .insert("revision", 201)
-                .unwrap();
         }
+        let entries: Vec<_> = (1..=199u64)
+            .map(|i| match i {
+                1 => ("key0001".to_string(), 201, "again".to_string()),
+                _ => (format!("key{i:04}"), i, format!("v{i}")),
+            })
+            .collect();
+        write_old_kv(&txn, &entries, 201);
         txn.commit().unwrap();
     }
     let store = RedbStore::open(&path, RedbOptions::default()).unwrap();
