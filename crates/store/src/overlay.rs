@@ -45,8 +45,9 @@ use std::sync::{Arc, RwLock};
 /// What deciding a put or a delete reads and changes: the tables of a redb write
 /// transaction, or the overlay (with the batch's own changes on top).
 pub(crate) trait Tables {
-    /// What `f` makes of the stored record under `key` (see `Stored`).
-    fn kv_with<R>(&self, key: &[u8], f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>>;
+    /// What `f` makes of the stored record under `key`, decoded (a malformed one is
+    /// `Corrupted`).
+    fn kv_with<R>(&self, key: &[u8], f: impl FnOnce(Stored<'_>) -> R) -> Result<Option<R>>;
     /// Stores a record; `existed` says whether the key had one (live or not).
     fn kv_insert(&mut self, key: &[u8], record: Vec<u8>, existed: bool) -> Result<()>;
     /// Removes the record under `key`; answers its value.
@@ -413,20 +414,29 @@ fn last_values(batch: &Changes, mut admitted: Vec<Admitted>) -> Vec<Admitted> {
 }
 
 impl Tables for OverlayTables<'_> {
-    fn kv_with<R>(&self, key: &[u8], f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
+    fn kv_with<R>(&self, key: &[u8], f: impl FnOnce(Stored<'_>) -> R) -> Result<Option<R>> {
         if let Some(changed) = self.batch.kv(key) {
-            return Ok(changed.map(f));
+            return changed
+                .map(|record| Stored::decode(record).map(f))
+                .transpose();
         }
-        // Cached entries are the published ones and have no lease.
+        // Cached entries are the published ones and have no lease; read in place.
         let mut f = Some(f);
         if let Some(found) = self.cache.peek(key, |create, modified, value| {
             let f = f.take().expect("called once");
-            f(&Stored::encode(create, modified, 0, value))
+            f(Stored {
+                create,
+                modified,
+                lease: 0,
+                value,
+            })
         }) {
             return Ok(Some(found));
         }
         let f = f.take().expect("not called on a miss");
-        self.overlay.kv_with(key, f)
+        self.overlay
+            .kv_with(key, |record| Stored::decode(record).map(f))?
+            .transpose()
     }
 
     fn kv_insert(&mut self, key: &[u8], record: Vec<u8>, existed: bool) -> Result<()> {
@@ -444,9 +454,7 @@ impl Tables for OverlayTables<'_> {
     }
 
     fn kv_remove(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let old = self
-            .kv_with(key, |b| Stored::decode(b).map(|s| s.value.to_vec()))?
-            .transpose()?;
+        let old = self.kv_with(key, |s| s.value.to_vec())?;
         self.batch.entries -= i64::from(old.is_some());
         self.batch.bytes += key.len() + 64;
         self.batch.kv.insert(key.to_vec(), None);

@@ -1191,8 +1191,10 @@ impl<'t> RedbTables<'t> {
 }
 
 impl Tables for RedbTables<'_> {
-    fn kv_with<R>(&self, key: &[u8], f: impl FnOnce(&[u8]) -> R) -> Result<Option<R>> {
-        self.kv.with(key, f)
+    fn kv_with<R>(&self, key: &[u8], f: impl FnOnce(Stored<'_>) -> R) -> Result<Option<R>> {
+        self.kv
+            .with(key, |record| Stored::decode(record).map(f))?
+            .transpose()
     }
 
     fn kv_insert(&mut self, key: &[u8], record: Vec<u8>, existed: bool) -> Result<()> {
@@ -1902,10 +1904,8 @@ impl Writer {
         now: u64,
         inspect: impl FnOnce(&[u8]) -> R,
     ) -> Result<Option<((Revision, Revision, LeaseId, bool), R)>> {
-        let found = t.kv_with(key, |record| {
-            Stored::decode(record).map(|s| ((s.create, s.modified, s.lease), inspect(s.value)))
-        })?;
-        let Some(((create, modified, lease), inspected)) = found.transpose()? else {
+        let found = t.kv_with(key, |s| ((s.create, s.modified, s.lease), inspect(s.value)))?;
+        let Some(((create, modified, lease), inspected)) = found else {
             return Ok(None);
         };
         let live = lease == 0 || t.lease_live(lease, now)?.is_some();
@@ -2063,11 +2063,7 @@ impl Writer {
 
     /// The value stored under `key`, live or not; empty when there is none.
     fn stored_value<T: Tables>(t: &T, key: &[u8]) -> Result<Vec<u8>> {
-        Ok(
-            t.kv_with(key, |r| Stored::decode(r).map(|s| s.value.to_vec()))?
-                .transpose()?
-                .unwrap_or_default(),
-        )
+        Ok(t.kv_with(key, |s| s.value.to_vec())?.unwrap_or_default())
     }
 
     fn grant<T: Tables>(&mut self, t: &mut T, ttl: Duration, now: u64) -> Result<Lease> {
