@@ -384,16 +384,18 @@ impl EntryCache {
 
     /// Puts the shards of `keys` in flux (their generation odd) before the writer
     /// commits a batch that changes them; [`Self::settle`] after the commit, with
-    /// the same keys, drops them and ends the flux.
-    pub(crate) fn invalidate<'k>(&self, keys: impl Iterator<Item = &'k [u8]>) {
+    /// the same keys and what this answers, drops them and ends the flux.
+    pub(crate) fn invalidate<'k>(&self, keys: impl Iterator<Item = &'k [u8]>) -> Flux {
         if !self.enabled() {
-            return;
+            return Flux::default();
         }
+        let hashes: Vec<u64> = keys.map(|key| self.hash(key)).collect();
         let mut touched = Touched::default();
-        for key in keys {
-            touched.insert(Self::shard_of(self.hash(key)));
+        for &hash in &hashes {
+            touched.insert(Self::shard_of(hash));
         }
         self.advance(&touched);
+        Flux { hashes, touched }
     }
 
     fn advance(&self, touched: &Touched) {
@@ -405,41 +407,60 @@ impl EntryCache {
         }
     }
 
-    /// [`Self::invalidate`] after a commit, which also caches `admitted`: entries the
-    /// batch wrote under some of `keys`, each the key's last value in the batch.
-    pub(crate) fn settle<'k>(&self, keys: impl Iterator<Item = &'k [u8]>, admitted: Vec<Admitted>) {
+    /// Ends the flux [`Self::invalidate`] began for `keys` (the same, in the same
+    /// order) after the commit: drops the keys and caches `admitted` (entries the
+    /// batch wrote under some of them, each the key's last value in the batch),
+    /// taking each shard's lock once.
+    pub(crate) fn settle<'k>(
+        &self,
+        flux: Flux,
+        keys: impl Iterator<Item = &'k [u8]>,
+        admitted: Vec<Admitted>,
+    ) {
         if !self.enabled() {
             return;
         }
-        let mut touched = Touched::default();
-        for key in keys {
-            let hash = self.hash(key);
-            let shard = Self::shard_of(hash);
-            touched.insert(shard);
-            self.shards[shard]
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(hash, key);
-        }
-        for Admitted { hash, entry } in admitted {
-            let shard = Self::shard_of(hash);
-            debug_assert!(
-                touched.contains(shard),
-                "admitted under a key the batch changed"
-            );
+        let mut removed: Vec<(usize, u64, &[u8])> = flux
+            .hashes
+            .iter()
+            .zip(keys)
+            .map(|(&hash, key)| (Self::shard_of(hash), hash, key))
+            .collect();
+        debug_assert_eq!(removed.len(), flux.hashes.len(), "the keys invalidated");
+        removed.sort_unstable_by_key(|r| r.0);
+        let mut admitted = admitted;
+        admitted.sort_unstable_by_key(|a| Self::shard_of(a.hash));
+        let mut removed = removed.into_iter().peekable();
+        let mut admitted = admitted.into_iter().peekable();
+        // `Touched::iter` goes up by shard, as both lists now do.
+        for shard in flux.touched.iter() {
             let mut s = self.shards[shard]
                 .write()
                 .unwrap_or_else(|p| p.into_inner());
+            while let Some((_, hash, key)) = removed.next_if(|r| r.0 == shard) {
+                s.remove(hash, key);
+            }
             // Removed above, and admitted once per batch (see `OverlayTables::finish`).
-            s.insert(hash, entry, self.shard_budget, &self.hasher);
-        }
-        for shard in touched.iter() {
-            let mut s = self.shards[shard]
-                .write()
-                .unwrap_or_else(|p| p.into_inner());
+            while let Some(Admitted { hash, entry }) =
+                admitted.next_if(|a| Self::shard_of(a.hash) == shard)
+            {
+                s.insert(hash, entry, self.shard_budget, &self.hasher);
+            }
             s.generation += 1;
         }
+        debug_assert!(
+            admitted.next().is_none(),
+            "admitted under a key the batch changed"
+        );
     }
+}
+
+/// The hashes and shards of a batch's changed keys, from
+/// [`EntryCache::invalidate`] to [`EntryCache::settle`]: each key is hashed once.
+#[derive(Default)]
+pub(crate) struct Flux {
+    hashes: Vec<u64>,
+    touched: Touched,
 }
 
 #[cfg(test)]
@@ -481,10 +502,10 @@ mod tests {
         let cache = EntryCache::new(1 << 20);
         // The reader takes its ticket, then a commit changes the key.
         let t = ticket(&cache, b"k");
-        cache.invalidate([b"k".as_slice()].into_iter());
+        let flux = cache.invalidate([b"k".as_slice()].into_iter());
         // In flux: no ticket, no hit.
         assert!(matches!(cache.get(b"k"), Err(None)));
-        cache.settle([b"k".as_slice()].into_iter(), Vec::new());
+        cache.settle(flux, [b"k".as_slice()].into_iter(), Vec::new());
         // What the reader read may be the old value: it is not cached.
         cache.offer(t, &kv(b"k", b"old", 1));
         let t = ticket(&cache, b"k");
@@ -505,10 +526,10 @@ mod tests {
     #[test]
     fn a_commit_drops_the_keys_it_changes_and_only_those() {
         let cache = holding_a_and_b(b"v");
-        cache.invalidate([b"a".as_slice()].into_iter());
+        let flux = cache.invalidate([b"a".as_slice()].into_iter());
         // In flux: the shard is not read.
         assert!(matches!(cache.get(b"a"), Err(None)));
-        cache.settle([b"a".as_slice()].into_iter(), Vec::new());
+        cache.settle(flux, [b"a".as_slice()].into_iter(), Vec::new());
         assert!(matches!(cache.get(b"a"), Err(Some(_))));
         assert!(cache.get(b"b").is_ok());
     }
@@ -586,14 +607,14 @@ mod tests {
         let cache = holding_a_and_b(b"old");
         let admitted = cache.admit(b"a", 1, 2, b"new").expect("fits");
         let changed = [b"a".as_slice(), b"b".as_slice(), b"c".as_slice()];
-        cache.invalidate(changed.into_iter());
+        let flux = cache.invalidate(changed.into_iter());
         // What a reader took before the commit may be old: dropped.
         let late = Ticket {
             shard: EntryCache::shard_of(cache.hash(b"c")),
             generation: 0,
             hash: cache.hash(b"c"),
         };
-        cache.settle(changed.into_iter(), vec![admitted]);
+        cache.settle(flux, changed.into_iter(), vec![admitted]);
         cache.offer(late, &kv(b"c", b"old", 1));
         assert_eq!(cache.get(b"a").ok(), Some(kv(b"a", b"new", 2)));
         assert_eq!(

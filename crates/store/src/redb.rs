@@ -1755,7 +1755,7 @@ impl Writer {
         // Entries the batch wrote under keys written before are cached as it settles
         // (see `OverlayTables`).
         let changed = || events[first_event..].iter().map(|e| e.key.as_slice());
-        self.shared.cache.invalidate(changed());
+        let flux = self.shared.cache.invalidate(changed());
         let (published, admitted) = match staged {
             Staged::Redb(txn, runs) => (
                 txn.commit()
@@ -1770,7 +1770,7 @@ impl Writer {
                 (Ok(()), admitted)
             }
         };
-        self.shared.cache.settle(changed(), admitted);
+        self.shared.cache.settle(flux, changed(), admitted);
         if let Err(e) = published {
             self.poisoned = logged;
             return Err(e);
