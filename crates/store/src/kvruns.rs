@@ -127,7 +127,14 @@ impl Runs {
     /// Opens the runs the manifest in `txn` names, and deletes every other run file
     /// in `dir` (creating it if need be).
     pub(crate) fn open(dir: &Path, txn: &WriteTransaction) -> Result<Runs> {
-        std::fs::create_dir_all(dir).map_err(|e| io_error("creating", dir, e))?;
+        if !dir.is_dir() {
+            std::fs::create_dir_all(dir).map_err(|e| io_error("creating", dir, e))?;
+            // The new directory's own name must be durable before a durable manifest
+            // names files in it.
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
         let manifest = txn.open_table(RUNS).map_err(backend)?;
         let mut members = Vec::new();
         let mut named = std::collections::HashSet::new();
@@ -198,6 +205,17 @@ impl Runs {
         }
     }
 
+    /// Makes every run written since the last durable commit durable, and the
+    /// directory that names them: before the database closes, since redb then makes
+    /// its last commit durable without a [`RunsChange::sync`].
+    pub(crate) fn sync_all(&self) -> Result<()> {
+        let state = self.lock();
+        for member in &state.unsynced {
+            member.run.sync()?;
+        }
+        sync_dir(&self.dir)
+    }
+
     /// A file number for a merge's output, and its path.
     pub(crate) fn allocate(&self) -> (u64, PathBuf) {
         let mut state = self.lock();
@@ -251,26 +269,35 @@ impl RunsChange<'_> {
         if changes.peek().is_none() {
             return Ok(());
         }
+        // The number is spent even if the run is not written: a file of it may be
+        // left, and the next run must not meet it.
         let file = self.state.next;
+        self.state.next += 1;
         let path = self.runs.dir.join(file_name(file));
-        let mut writer = match self.state.spares.pop() {
-            Some(spare) => RunWriter::reuse(&spare, &path).or_else(|e| {
-                tracing::warn!(error = %e, "recycling a run file failed");
-                RunWriter::create(&path)
-            })?,
-            None => RunWriter::create(&path)?,
-        };
-        for change in changes {
-            let (key, record) = change?;
-            writer.add_record(key.as_ref(), record.as_ref().map(AsRef::as_ref))?;
-        }
+        let written = (|| {
+            let mut writer = match self.state.spares.pop() {
+                Some(spare) => RunWriter::reuse(&spare, &path).or_else(|e| {
+                    tracing::warn!(error = %e, "recycling a run file failed");
+                    RunWriter::create(&path)
+                })?,
+                None => RunWriter::create(&path)?,
+            };
+            for change in changes {
+                let (key, record) = change?;
+                writer.add_record(key.as_ref(), record.as_ref().map(AsRef::as_ref))?;
+            }
+            writer.finish(false)
+        })();
+        let run = written.inspect_err(|_| {
+            // No manifest names it; an open would delete it too.
+            let _ = std::fs::remove_file(&path);
+        })?;
         let member = Member {
             id: file,
             tier: 0,
             file,
-            run: writer.finish(false)?,
+            run,
         };
-        self.state.next += 1;
         txn.open_table(RUNS)
             .map_err(backend)?
             .insert(member.id, (member.tier, member.file))
@@ -461,6 +488,32 @@ mod tests {
             set,
             output,
         }
+    }
+
+    #[test]
+    fn a_run_that_fails_to_be_written_leaves_nothing_in_the_way_of_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::create(dir.path().join("db")).unwrap();
+        let runs_dir = dir.path().join("runs");
+        let txn = db.begin_write().unwrap();
+        let runs = Runs::open(&runs_dir, &txn).unwrap();
+        txn.commit().unwrap();
+        {
+            let mut change = runs.begin();
+            let txn = db.begin_write().unwrap();
+            let value: &[u8] = b"value";
+            let changes = [
+                Ok((&b"a"[..], Some(value))),
+                Err(StoreError::Io("the overlay's changes failed".into())),
+            ];
+            assert!(change.add(&txn, changes).is_err());
+        }
+        assert!(run_files(&runs_dir).is_empty(), "the partial file is gone");
+        run_of(&runs, &db, b"b");
+        assert_eq!(
+            runs.snapshot().get(b"b").unwrap().as_deref(),
+            Some(&b"value"[..])
+        );
     }
 
     #[test]

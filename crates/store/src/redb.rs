@@ -135,7 +135,8 @@ pub struct RedbStore {
 }
 
 struct Shared {
-    db: Database,
+    /// Closed by `Shared`'s drop, after the runs its last commit names are durable.
+    db: std::mem::ManuallyDrop<Database>,
     /// `kv`'s runs (see kvruns.rs).
     runs: Runs,
     events: broadcast::Sender<Event>,
@@ -155,6 +156,31 @@ struct Shared {
     /// Set while some acknowledged writes are not durable in redb yet: the
     /// checkpoint thread then wakes an idle writer to make them so.
     unsettled: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Shared {
+    /// redb makes a pending non-durable commit durable when the database closes,
+    /// and such a commit may name runs that are not durable yet (a checkpoint that
+    /// is not a durable one, when the final durable checkpoint failed or never ran:
+    /// a failed open, a poisoned writer). A durable manifest must name only durable
+    /// files (kvruns.rs), so they are made durable first. If that fails, the
+    /// database is left unclosed: the next open then rolls back to the last durable
+    /// commit and replays the write-ahead log.
+    fn drop(&mut self) {
+        match self.runs.sync_all() {
+            Ok(()) => {
+                // SAFETY: `db` is dropped here only, and `self` is not used after.
+                #[allow(unsafe_code)]
+                unsafe {
+                    std::mem::ManuallyDrop::drop(&mut self.db)
+                };
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                "making the runs durable at close failed; the database is left unclosed, so that the next open recovers from its last durable commit and the write-ahead log"
+            ),
+        }
+    }
 }
 
 /// Counts of the engine's checkpoints, for tests and metrics.
@@ -384,7 +410,7 @@ impl RedbStore {
         };
         let (events, _) = broadcast::channel(4096);
         let shared = Arc::new(Shared {
-            db,
+            db: std::mem::ManuallyDrop::new(db),
             runs,
             events,
             committed: AtomicU64::new(committed),
@@ -769,9 +795,9 @@ struct Writer {
     last_checkpoint: Instant,
     /// When the last durable checkpoint ended.
     last_sync: Instant,
-    /// Set when a batch was logged but its commit failed, or a checkpoint failed:
-    /// memory and redb disagree, so no further write is accepted until a restart
-    /// replays the log.
+    /// Set when a batch was logged but its commit failed, a log append failed, or a
+    /// checkpoint failed: memory, the log and redb may disagree, so no further write
+    /// is accepted until a restart replays the log.
     poisoned: bool,
     checkpointer: Checkpointer,
     wake: mpsc::WeakSender<Pending>,
@@ -1791,9 +1817,17 @@ impl Writer {
         };
         if logged {
             match (&applied, self.wal.finish()) {
-                (Ok(_), Err(e)) => {
-                    // Not logged (the log cut its partial record off): abort the batch.
-                    return Err(StoreError::Io(format!("writing the write-ahead log: {e}")));
+                (_, Err(e)) => {
+                    // The record may be in the file whole (a failed `fdatasync` leaves
+                    // it in the page cache, and perhaps on the disk), and a restart
+                    // replays whatever of it is intact: the batch's outcome is unknown.
+                    // Its sequence number is spent, and no later batch may be logged:
+                    // one logged after it could be read back behind it, or lose to it
+                    // (as PostgreSQL does, a failed log write stops the writes).
+                    self.poisoned = true;
+                    return Err(StoreError::Io(format!(
+                        "writing the write-ahead log failed ({e}): this batch may or may not take effect when a restart replays the log, and writes are refused until then"
+                    )));
                 }
                 (Err(_), Ok(())) => {
                     // Logged but not applied: memory and log disagree until a restart

@@ -409,9 +409,23 @@ impl RunWriter {
         footer.extend_from_slice(&VERSION.to_le_bytes());
         footer.extend_from_slice(&self.entries.to_le_bytes());
         footer.extend_from_slice(&index_offset.to_le_bytes());
-        footer.extend_from_slice(&((bloom_offset - index_offset) as u32).to_le_bytes());
+        // The footer holds the index's and the filter's lengths in 4 bytes each
+        // (over 3 billion keys in one run): a larger run is refused, not cut short.
+        let fit = |len: u64| {
+            u32::try_from(len).map_err(|_| {
+                io_error(
+                    &self.path,
+                    std::io::Error::other("a run's index or filter over 4 GiB"),
+                )
+            })
+        };
+        let (index_len, bloom_len) = (
+            fit(bloom_offset - index_offset)?,
+            fit(self.written - bloom_offset)?,
+        );
+        footer.extend_from_slice(&index_len.to_le_bytes());
         footer.extend_from_slice(&bloom_offset.to_le_bytes());
-        footer.extend_from_slice(&((self.written - bloom_offset) as u32).to_le_bytes());
+        footer.extend_from_slice(&bloom_len.to_le_bytes());
         self.write(&with_crc(footer))?;
         let path = self.path;
         let file = self
@@ -500,6 +514,11 @@ impl Run {
                 return Err(corrupted(path, "index does not cover the data"));
             }
             end_of_data = offset + u64::from(len);
+            // `build` and lookups rely on the first keys' order.
+            let n = blocks.offsets.len();
+            if n > 0 && blocks.key(n - 1) >= key {
+                return Err(corrupted(path, "index keys out of order"));
+            }
             blocks.push(offset, len, key);
             at += 16 + key_len as usize;
         }
@@ -1459,6 +1478,13 @@ mod tests {
             damaged("footer", &|b| b[len - 10] ^= 1),
             damaged("short", &|b| b.truncate(20)),
             damaged("other", &|b| b.iter_mut().for_each(|x| *x = b'x')),
+            // The first block's first key after the second's, under a good checksum.
+            damaged("order", &|b| {
+                let key_len = u32_at(b, index_at + 12).unwrap() as usize;
+                b[index_at + 16 + key_len - 16] = 0xff;
+                let crc = crc32fast::hash(&b[index_at..bloom_at - 4]);
+                b[bloom_at - 4..bloom_at].copy_from_slice(&crc.to_le_bytes());
+            }),
         ] {
             assert!(is_corrupted(Run::open(&p)), "{}", p.display());
         }

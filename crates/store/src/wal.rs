@@ -147,6 +147,17 @@ impl Wal {
             File::open(dir)?.sync_all()?;
         }
         records.sort_by_key(|r| r.seq);
+        // Sequence numbers are never reused (a failed append stops the writes), so
+        // two records with one number mean the log cannot be trusted to replay.
+        if let Some(pair) = records.windows(2).find(|w| w[0].seq == w[1].seq) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "two write-ahead log records have sequence number {}",
+                    pair[0].seq
+                ),
+            ));
+        }
         // Append where the newest record is, so records stay in order within a file.
         let active = usize::from(other.max_seq > first.max_seq);
         Ok((
@@ -176,8 +187,10 @@ impl Wal {
             .write_all(&self.buf)
             .and_then(|_| segment.file.sync_data())
         {
-            // The next append overwrites the partial record; none may follow it until
-            // then (its checksum or its sequence number ends the reading).
+            // The record may be whole in the file (a failed `fdatasync` leaves it in
+            // the page cache, perhaps on the disk), so a restart may replay it: the
+            // writer logs nothing more and refuses writes until then (see
+            // `Writer::apply`). A record after it could be read back behind it.
             let _ = segment.file.seek(SeekFrom::Start(segment.len));
             return Err(e);
         }
@@ -370,6 +383,24 @@ mod tests {
         std::fs::write(&path, bytes).unwrap();
         let (_, recs) = Wal::open(&path).unwrap();
         assert!(recs.is_empty());
+    }
+
+    #[test]
+    fn two_records_with_one_sequence_number_refuse_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w");
+        let (mut w, _) = Wal::open(&path).unwrap();
+        w.append(1, 10, b"a").unwrap();
+        w.switch();
+        w.append(2, 20, b"b").unwrap();
+        w.append(3, 30, b"c").unwrap();
+        // A second record 2 in the first file, as a reused number would leave.
+        w.switch();
+        w.append(2, 40, b"d").unwrap();
+        drop(w);
+        let err = Wal::open(&path).err().expect("refused");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("sequence number 2"), "{err}");
     }
 
     #[test]

@@ -446,6 +446,33 @@ async fn a_crash_after_checkpoints_that_were_not_durable_loses_nothing() {
     store.close().await.unwrap();
 }
 
+/// redb makes a pending commit that was not durable durable when it closes. When the
+/// store's final durable checkpoint fails (here its runs' directory is gone), that
+/// would name runs that never were made durable; instead the database is left
+/// unclosed, rolls back at the next open, and the log replays every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_final_checkpoint_leaves_every_write_to_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.redb");
+    let store = RedbStore::open(&path, constant_checkpoints()).unwrap();
+    let state = churn(&store).await;
+    let stats = store.checkpoint_stats();
+    assert_eq!(stats.syncs, 1, "{stats:?}");
+    assert!(stats.checkpoints > stats.syncs, "{stats:?}");
+    std::fs::remove_dir_all(path.with_extension("runs")).unwrap();
+    // The final checkpoint fails; what close answers is not the point here.
+    let _ = store.close().await;
+    drop(store);
+    // The next process: this one keeps the unclosed database (and its lock).
+    let next = tempfile::tempdir().unwrap();
+    for f in ["a.redb", "a.wal", "a.wal.1"] {
+        std::fs::copy(dir.path().join(f), next.path().join(f)).unwrap();
+    }
+    let reopened = RedbStore::open(&next.path().join("a.redb"), RedbOptions::default()).unwrap();
+    assert_eq!(State::of(&reopened).await, state);
+    reopened.close().await.unwrap();
+}
+
 /// With writes coming in, a durable checkpoint follows every `sync_interval`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_checkpoints_follow_the_sync_interval() {
