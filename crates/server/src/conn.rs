@@ -21,13 +21,20 @@
 //! by hyper exactly as before. Responses stay in request order, since a response is
 //! written whole before the next request is looked at.
 //!
-//! Bounds are hyper's: a request head (and a plain write's body) must arrive within
-//! [`HEADER_READ_TIMEOUT`] of the previous response (or of the connection's start),
-//! and shutdown closes idle connections and lets a request in progress finish.
+//! Bounds are hyper's and the router's: a request head must arrive within
+//! [`HEADER_READ_TIMEOUT`] of the previous response (or of the connection's start;
+//! a head handed to hyper unfinished keeps the time it has left), a plain write's
+//! body may pause for at most [`BODY_IDLE_TIMEOUT`] (then it is answered 408), each
+//! write of a response must make progress within [`WRITE_TIMEOUT`], and shutdown
+//! closes idle connections and lets a request in progress finish, answered with
+//! `connection: close`. The read buffer keeps at most [`KEPT_READ_ROOM`] between
+//! requests, so an idle connection holds little after a large body.
 
 use crate::error::{ApiError, ServerSideError};
 use crate::hot::{PlainEntry, is_comet_read_path};
-use crate::http::{Peer, RequestId, Shared, caller_from, record, request_lines_on};
+use crate::http::{
+    BODY_IDLE_TIMEOUT, Peer, RequestId, Shared, caller_from, record, request_lines_on,
+};
 use crate::query::Query;
 use amphora_store::Revision;
 
@@ -59,6 +66,10 @@ const MAX_FAST_BODY: usize = 64 * 1024;
 
 /// The room for responses a connection keeps between requests.
 const KEPT_ROOM: usize = 64 * 1024;
+
+/// The read buffer's room a connection keeps between requests (a plain write's
+/// body of up to [`MAX_FAST_BODY`] grows it to 128 KiB).
+const KEPT_READ_ROOM: usize = 16 * 1024;
 
 /// Headers a head may have to be answered here; more go to hyper (which takes 100).
 const MAX_FAST_HEADERS: usize = 32;
@@ -112,27 +123,51 @@ pub async fn serve_connection<I, A>(
     tokio::pin!(stop);
     // The loop's buffers and timer end with it: a connection handed to hyper (a
     // watch stream can last days) keeps none of them.
-    if let Some(unanswered) = answer_plain(&mut io, &cx.state, &cx.peer, stop.as_mut()).await {
-        hand_over(Rewind::new(WriteDeadline::new(io), unanswered), cx, stop).await;
+    if let Some(rest) = answer_plain(&mut io, &cx.state, &cx.peer, stop.as_mut()).await {
+        let io = Rewind::new(WriteDeadline::new(io), rest.bytes);
+        hand_over(io, cx, stop, rest.head_within).await;
     }
 }
 
+/// What the loop leaves to hyper.
+struct Unanswered {
+    /// The bytes read and not answered.
+    bytes: Bytes,
+    /// When they end inside a request head: the time left for the rest of it.
+    head_within: Option<Duration>,
+}
+
 /// The loop: answers plain requests until the connection ends (`None`) or a request
-/// comes that is not one (the bytes read and not answered, for hyper).
+/// comes that is not one (what it read and did not answer, for hyper).
+///
+/// Its bounds are the router's and hyper's: a head must arrive within
+/// [`HEADER_READ_TIMEOUT`] of the previous response, and a plain write's body may
+/// pause for at most [`BODY_IDLE_TIMEOUT`] (then it is answered 408). At shutdown an
+/// idle connection, or one inside a head, is closed; a write whose body is coming is
+/// finished, and its answer says `connection: close`.
 async fn answer_plain<I>(
     io: &mut I,
     state: &Shared,
     peer: &Peer,
     mut stop: Pin<&mut impl Future<Output = ()>>,
-) -> Option<Bytes>
+) -> Option<Unanswered>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let (mut out, mut scratch) = (Vec::with_capacity(1024), Vec::with_capacity(1024));
-    let mut waiting_since = Instant::now();
-    let timer = tokio::time::sleep_until(waiting_since + HEADER_READ_TIMEOUT);
+    // Deadlines only move later, so the timer is re-armed only when it fires.
+    let mut deadline = Instant::now() + HEADER_READ_TIMEOUT;
+    let timer = tokio::time::sleep_until(deadline);
     tokio::pin!(timer);
+    let mut stopping = false;
+    let handed = |buf: &BytesMut, deadline: Instant, inside_head: bool| {
+        Some(Unanswered {
+            // In an allocation of its own: the read buffer's room goes with the loop.
+            bytes: Bytes::copy_from_slice(buf),
+            head_within: inside_head.then(|| deadline.saturating_duration_since(Instant::now())),
+        })
+    };
     // Bodies the loop reads whole: at most the value limit, and never above 64 KiB.
     let max_body = state
         .service
@@ -153,14 +188,20 @@ where
                     let body = &buf[len..len + fast.body_len];
                     let bufs = (&mut out, &mut scratch);
                     let (keep_alive, answered) = answer(state, peer, &fast, body, bufs).await;
+                    // A shutdown that came while the body did makes this the last one.
+                    stopping = stopping || stopped(stop.as_mut()).await;
+                    if stopping {
+                        say_close(&mut out);
+                    }
                     let Ok(sent) = send_all(io, &out).await else {
                         return None;
                     };
-                    if !keep_alive {
+                    if !keep_alive || stopping {
                         return None;
                     }
                     let used = len + fast.body_len;
                     buf.advance(used);
+                    give_back_room(&mut buf);
                     (need, no_end) = (0, 0);
                     // A large answer's room is not kept for the connection's life.
                     for b in [&mut out, &mut scratch] {
@@ -169,41 +210,84 @@ where
                         }
                     }
                     // The next head is waited for from when this answer left.
-                    waiting_since = match sent {
+                    let left = match sent {
                         Sent::AtOnce => answered,
                         Sent::Later => Instant::now(),
                     };
+                    deadline = left + HEADER_READ_TIMEOUT;
                     continue;
                 }
-                // The body is still coming.
-                Head::Fast(len, fast) => (need, no_end) = (len + fast.body_len, 0),
+                // The body is still coming: from here the body's bound applies.
+                Head::Fast(len, fast) => {
+                    (need, no_end) = (len + fast.body_len, 0);
+                    deadline = Instant::now() + BODY_IDLE_TIMEOUT;
+                }
                 Head::Partial if buf.len() <= MAX_FAST_HEAD => no_end = buf.len(),
-                // In an allocation of its own: the read buffer's room goes with the loop.
-                Head::Partial | Head::Other => return Some(Bytes::copy_from_slice(&buf)),
+                Head::Partial => return handed(&buf, deadline, true),
+                Head::Other => return handed(&buf, deadline, false),
             }
         } else if need == 0 && buf.len() > MAX_FAST_HEAD {
-            return Some(Bytes::copy_from_slice(&buf));
+            return handed(&buf, deadline, true);
         }
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(8 * 1024);
         }
         tokio::select! {
             biased;
-            // First: a client that keeps sending does not hold a shutdown back.
-            () = &mut stop => return None,
+            // First: a client that keeps sending does not hold a shutdown back. A
+            // write whose body is coming is finished first, as hyper does.
+            () = &mut stop, if need == 0 && !stopping => return None,
             read = io.read_buf(&mut buf) => match read {
                 Ok(0) | Err(_) => return None,
+                Ok(_) if need > 0 => deadline = Instant::now() + BODY_IDLE_TIMEOUT,
                 Ok(_) => {}
             },
             () = &mut timer => {
-                let deadline = waiting_since + HEADER_READ_TIMEOUT;
-                if Instant::now() >= deadline {
+                if Instant::now() < deadline {
+                    timer.as_mut().reset(deadline);
+                } else if need > 0 {
+                    tracing::debug!(client = %peer.addr, "a request body paused for {BODY_IDLE_TIMEOUT:?}; answering 408");
+                    if let Head::Fast(_, fast) = parse(&buf, max_body) {
+                        let id = RequestId::of_raw(state, fast.request_id);
+                        let timeout = ApiError::BodyTimeout(BODY_IDLE_TIMEOUT.as_secs());
+                        out.clear();
+                        write_response(&mut out, timeout.into_response(), &id, &fast, Instant::now(), state).await;
+                        say_close(&mut out);
+                        let _ = send_all(io, &out).await;
+                    }
+                    return None;
+                } else {
                     tracing::debug!(client = %peer.addr, "no request head within {HEADER_READ_TIMEOUT:?}; closing");
                     return None;
                 }
-                timer.as_mut().reset(deadline);
             },
         }
+    }
+}
+
+/// A large body's room in the read buffer is not kept for the connection's life:
+/// past [`KEPT_READ_ROOM`], what is left moves to a small buffer.
+fn give_back_room(buf: &mut BytesMut) {
+    if buf.capacity() > KEPT_READ_ROOM {
+        let mut fresh = BytesMut::with_capacity((8 * 1024).max(buf.len()));
+        fresh.extend_from_slice(buf);
+        *buf = fresh;
+    }
+}
+
+/// Whether `stop` has completed; polled once, and never again once it has.
+async fn stopped(stop: Pin<&mut impl Future<Output = ()>>) -> bool {
+    tokio::select! {
+        biased;
+        () = stop => true,
+        () = std::future::ready(()) => false,
+    }
+}
+
+/// Adds `connection: close` to the response head in `out`.
+fn say_close(out: &mut Vec<u8>) {
+    if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+        out.splice(end + 2..end + 2, *b"connection: close\r\n");
     }
 }
 
@@ -250,19 +334,34 @@ async fn send_all<I: AsyncWrite + Unpin>(io: &mut I, out: &[u8]) -> std::io::Res
     if done {
         return Ok(Sent::AtOnce);
     }
-    let rest = async {
-        io.write_all(&out[written..]).await?;
-        io.flush().await
-    };
-    tokio::time::timeout(WRITE_TIMEOUT, rest)
+    // Each write must make progress within the timeout, however long the whole
+    // takes (as `WriteDeadline` bounds hyper's).
+    let stalled = || std::io::Error::new(std::io::ErrorKind::TimedOut, "response not read");
+    let mut rest = &out[written..];
+    while !rest.is_empty() {
+        let n = tokio::time::timeout(WRITE_TIMEOUT, io.write(rest))
+            .await
+            .map_err(|_| stalled())??;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        rest = &rest[n..];
+    }
+    tokio::time::timeout(WRITE_TIMEOUT, io.flush())
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "response not read"))??;
+        .map_err(|_| stalled())??;
     Ok(Sent::Later)
 }
 
 /// Serves the rest of a connection with hyper, behind the whole application.
-async fn hand_over<I, A>(io: I, cx: ConnContext<A>, stop: Pin<&mut impl Future<Output = ()>>)
-where
+/// Handed over inside a head, it keeps the time left for that head (hyper then
+/// applies it to the later heads of the connection too).
+async fn hand_over<I, A>(
+    io: I,
+    cx: ConnContext<A>,
+    stop: Pin<&mut impl Future<Output = ()>>,
+    head_within: Option<Duration>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     A: Application,
 {
@@ -275,7 +374,9 @@ where
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(head_within.map_or(HEADER_READ_TIMEOUT, |left| {
+            left.max(Duration::from_millis(1))
+        }))
         .max_buf_size(256 * 1024)
         // One buffer, one write per response: small responses (most of them) cost
         // less than as headers and body in a writev (gets measured 3.5 % faster),
@@ -833,6 +934,55 @@ mod tests {
         // What the pipe holds goes at once.
         let (mut server, _client) = tokio::io::duplex(64);
         assert_eq!(send_all(&mut server, &[7; 64]).await.unwrap(), Sent::AtOnce);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_read_slowly_goes_out_whole_while_the_client_keeps_reading() {
+        let (mut server, mut client) = tokio::io::duplex(64);
+        let out: Vec<u8> = (0..1024).map(|i| i as u8).collect();
+        // 64 bytes each 29 s: eight minutes for the whole, progress within each 30 s.
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 64];
+            loop {
+                tokio::time::sleep(WRITE_TIMEOUT - Duration::from_secs(1)).await;
+                match client.read(&mut chunk).await.unwrap() {
+                    0 => return got,
+                    n => got.extend_from_slice(&chunk[..n]),
+                }
+            }
+        });
+        let started = Instant::now();
+        assert_eq!(send_all(&mut server, &out).await.unwrap(), Sent::Later);
+        assert!(started.elapsed() > 4 * WRITE_TIMEOUT);
+        drop(server);
+        assert_eq!(reader.await.unwrap(), out);
+    }
+
+    #[test]
+    fn the_read_buffer_gives_back_a_large_bodys_room() {
+        // A head and a 64 KiB body, read in 8 KiB steps as the loop does.
+        let mut buf = BytesMut::with_capacity(8 * 1024);
+        while buf.len() < 66_000 {
+            buf.reserve(8 * 1024);
+            buf.extend_from_slice(&[b'1'; 6_000]);
+        }
+        buf.extend_from_slice(b"GET /next");
+        buf.advance(66_000);
+        assert!(buf.capacity() > KEPT_READ_ROOM, "{}", buf.capacity());
+        give_back_room(&mut buf);
+        assert!(buf.capacity() <= KEPT_READ_ROOM, "{}", buf.capacity());
+        assert_eq!(&buf[..], b"GET /next", "what follows the body stays");
+    }
+
+    #[test]
+    fn closing_is_said_in_the_head() {
+        let mut out = b"HTTP/1.1 201 Created\r\ncontent-length: 4\r\n\r\nbody".to_vec();
+        say_close(&mut out);
+        assert_eq!(
+            out,
+            b"HTTP/1.1 201 Created\r\ncontent-length: 4\r\nconnection: close\r\n\r\nbody"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -514,6 +514,103 @@ fn idle_connections_do_not_delay_shutdown() {
     assert!(in_loop.closed() && handed_over.closed());
 }
 
+/// At shutdown a plain write whose body is still coming is finished and answered,
+/// with `connection: close`, as hyper finishes a request in progress.
+#[test]
+fn a_write_whose_body_is_coming_at_shutdown_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = start(dir.path());
+    let mut c = Raw::connect(&s);
+    let request = put("/v1/kv/c/f/k", "12");
+    let (all_but_one, last) = request.split_at(request.len() - 1);
+    c.send(all_but_one.as_bytes());
+    std::thread::sleep(Duration::from_millis(300));
+    common::signal(s.pid(), rustix::process::Signal::TERM);
+    std::thread::sleep(Duration::from_millis(300));
+    c.send(last.as_bytes());
+    let a = c.answer();
+    assert_eq!((a.status, a.header("connection")), (201, Some("close")));
+    assert!(c.closed());
+    let status = s.terminate(Duration::from_secs(20)).expect("exits");
+    assert!(status.success(), "{status:?}");
+}
+
+/// The loop's time bounds, in real time (about 36 s, on three connections at once):
+/// a plain write's body is bounded by its pauses (30 s), not by the time since the
+/// connection's start, and one that pauses longer is answered 408; a head handed to
+/// hyper unfinished keeps the time it has left, instead of getting 30 s more.
+#[test]
+fn bodies_are_bounded_by_their_pauses_and_heads_by_their_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start(dir.path());
+    let started = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut c = Raw::connect(&s);
+            std::thread::sleep(Duration::from_secs(20));
+            let request = put("/v1/kv/c/f/slow", "12");
+            let (all_but_one, last) = request.split_at(request.len() - 1);
+            c.send(all_but_one.as_bytes());
+            std::thread::sleep(Duration::from_secs(15));
+            c.send(last.as_bytes());
+            assert_eq!(c.answer().status, 201, "a body that keeps coming is taken");
+        });
+        scope.spawn(|| {
+            let mut c = Raw::connect(&s);
+            c.tcp
+                .set_read_timeout(Some(Duration::from_secs(60)))
+                .unwrap();
+            let request = put("/v1/kv/c/f/stalled", "12");
+            c.send(&request.as_bytes()[..request.len() - 1]);
+            let a = c.answer();
+            assert!(
+                started.elapsed() >= Duration::from_secs(29),
+                "{:?}",
+                started.elapsed()
+            );
+            assert_eq!((a.status, a.header("connection")), (408, Some("close")));
+            assert!(a.body.contains("body_timeout"), "{}", a.body);
+            assert!(c.closed());
+        });
+        scope.spawn(|| {
+            let mut c = Raw::connect(&s);
+            let mut head = b"GET /v1/kv/c/f/k HTTP/1.1\r\nx-a: ".to_vec();
+            head.extend([b'a'; 15_000]);
+            c.send(&head);
+            std::thread::sleep(Duration::from_secs(20));
+            // Past the loop's bound for heads: hyper takes the rest, with 10 s left.
+            c.send(&[b'a'; 2_000]);
+            c.tcp
+                .set_read_timeout(Some(Duration::from_secs(1)))
+                .unwrap();
+            let mut byte = [0u8; 1];
+            let closed_at = loop {
+                if c.tcp.write_all(b"a").is_err() {
+                    break started.elapsed();
+                }
+                match c.tcp.read(&mut byte) {
+                    Ok(0) | Err(_) if started.elapsed() > Duration::from_secs(50) => {
+                        break started.elapsed();
+                    }
+                    Ok(0) => break started.elapsed(),
+                    // Whatever hyper says before it closes.
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => break started.elapsed(),
+                }
+            };
+            assert!(
+                closed_at >= Duration::from_secs(29) && closed_at < Duration::from_secs(36),
+                "closed after {closed_at:?}"
+            );
+        });
+    });
+}
+
 /// Over TLS the loop answers the same, and a connection it answered on goes on
 /// through hyper after a write.
 #[tokio::test]

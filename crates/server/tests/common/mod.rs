@@ -83,6 +83,11 @@ impl Server {
         let _ = self.child.wait();
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, then waits for the exit status (at most `within`).
     pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         // Not the `kill` program: procps-ng 4.0.2's turns `kill -SIG -PGID` into kill(-1).
