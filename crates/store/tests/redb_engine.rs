@@ -826,15 +826,16 @@ async fn futures_like_join<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Outpu
         .collect()
 }
 
-/// The checkpoint and merge threads run at the lowest priority (nice 19). Each
-/// lowers its own priority when it starts, which may be just after the store opens:
-/// the test looks again until both have (or 10 s have passed).
+/// The checkpoint and merge threads run at the lowest priority (`SCHED_IDLE`, and
+/// nice 19 where that is refused). Each lowers its own priority when it starts,
+/// which may be just after the store opens: the test looks again until both have
+/// (or 10 s have passed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checkpoint_and_merge_threads_run_at_the_lowest_priority() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir);
-    // The name and nice value of each thread named like the two.
-    let nice_values = || {
+    // The name, nice value and scheduling policy of each thread named like the two.
+    let priorities = || {
         let mut found = Vec::new();
         for task in std::fs::read_dir("/proc/self/task").unwrap() {
             let task = task.unwrap().path();
@@ -849,23 +850,32 @@ async fn the_checkpoint_and_merge_threads_run_at_the_lowest_priority() {
                 continue;
             }
             // Fields after the command name's closing parenthesis start at field 3;
-            // the nice value is field 19.
-            let after = &stat[stat.rfind(')').unwrap() + 2..];
+            // the nice value is field 19, the policy field 41.
+            let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
             found.push((
                 comm,
-                after.split(' ').nth(16).unwrap().parse::<i32>().unwrap(),
+                fields[16].parse::<i32>().unwrap(),
+                fields[38].parse::<i32>().unwrap(),
             ));
         }
         found
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let lowered = |found: &[(String, i32)]| found.len() == 2 && found.iter().all(|(_, n)| *n == 19);
-    let mut found = nice_values();
+    let lowered = |found: &[(String, i32, i32)]| {
+        found.len() == 2
+            && found
+                .iter()
+                .all(|(_, nice, policy)| *nice == 19 && *policy == libc::SCHED_IDLE)
+    };
+    let mut found = priorities();
     while !lowered(&found) && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        found = nice_values();
+        found = priorities();
     }
-    assert!(lowered(&found), "threads and nice values {found:?}");
+    assert!(
+        lowered(&found),
+        "threads, nice values and policies {found:?}"
+    );
     store.close().await.unwrap();
 }
 
