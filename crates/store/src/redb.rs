@@ -818,17 +818,6 @@ const BARRIER_OVERLAY_BYTES: usize = 512 * 1024;
 /// ... or, under a load that keeps it bigger, once it has waited this long.
 const BARRIER_MAX_WAIT: Duration = Duration::from_secs(1);
 
-/// How long the writer spins for the log's answer to a batch, when the answer is
-/// expected within it, before it sleeps (see `Appender::finish`).
-///
-/// Under load the writer decides a batch while the log writes and fsyncs it, and
-/// then waits for the rest of the fsync, often less than this. Sleeping there cost
-/// each batch a wake-up, and on a small virtual machine a wake-up is dear: an
-/// interrupt to the other core, and the writer queued behind the request workers
-/// before it can publish and answer the batch (put-path.md, step 6). After a small
-/// batch the fsync is mostly still far off, and the writer sleeps at once.
-const LOG_SPIN: Duration = Duration::from_micros(100);
-
 /// Puts the calling thread (the checkpoint's or the merge's) at the lowest
 /// priority: Linux's `SCHED_IDLE`, or nice 19 where that is refused.
 ///
@@ -1840,7 +1829,7 @@ impl Writer {
             (None, None) => unreachable!("a transaction is opened when there is no overlay"),
         };
         if logged {
-            match (&applied, self.wal.finish(LOG_SPIN)) {
+            match (&applied, self.wal.finish()) {
                 (_, Err(e)) => {
                     // The record may be in the file whole (a failed `fdatasync` leaves
                     // it in the page cache, and perhaps on the disk), and a restart

@@ -33,7 +33,6 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 /// Bytes each log file is written full of zeros to before its first use. A file
 /// grows past it when a checkpoint lags (and stays that size).
@@ -232,24 +231,9 @@ enum Job {
 /// the writer applies the same batch to the B-tree.
 pub struct Appender {
     jobs: std::sync::mpsc::Sender<Job>,
-    /// Each job's answer, with the moment the log thread finished it.
-    done: std::sync::mpsc::Receiver<(io::Result<()>, Instant)>,
+    done: std::sync::mpsc::Receiver<io::Result<()>>,
     len: Arc<AtomicU64>,
-    /// When the append in flight was handed to the log thread, if one is.
-    in_flight: Option<Instant>,
-    /// How long an append takes, from `start` until the log thread has it durable:
-    /// a moving average (weight 1/8 for the newest).
-    latency: Duration,
-    spins: SpinStats,
-}
-
-/// How [`Appender::finish`] waited, since the log opened.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SpinStats {
-    /// Waits that spun before sleeping.
-    pub spun: u64,
-    /// Of those, the ones answered while spinning: they never slept.
-    pub caught: u64,
+    in_flight: bool,
 }
 
 impl Appender {
@@ -282,7 +266,7 @@ impl Appender {
                     };
                     shared_len.store(wal.len(), Ordering::Release);
                     if let Some(result) = answer
-                        && done_tx.send((result, Instant::now())).is_err()
+                        && done_tx.send(result).is_err()
                     {
                         break;
                     }
@@ -292,10 +276,7 @@ impl Appender {
             jobs,
             done,
             len,
-            in_flight: None,
-            // An fsync's order of magnitude; the first appends correct it.
-            latency: Duration::from_micros(250),
-            spins: SpinStats::default(),
+            in_flight: false,
         })
     }
 
@@ -307,66 +288,22 @@ impl Appender {
 
     /// Starts appending a record; [`Appender::finish`] waits for it to be durable.
     pub fn start(&mut self, seq: u64, now_ms: u64, payload: Vec<u8>) {
-        debug_assert!(self.in_flight.is_none(), "one append at a time");
-        let started = Instant::now();
-        self.in_flight = self
-            .send(Job::Append(seq, now_ms, payload))
-            .is_ok()
-            .then_some(started);
+        debug_assert!(!self.in_flight, "one append at a time");
+        self.in_flight = self.send(Job::Append(seq, now_ms, payload)).is_ok();
     }
 
-    /// Waits for the append started last. If the append is expected to be durable
-    /// within `spin` (by the moving average of how long appends took), it spins for
-    /// up to `spin` before it sleeps.
-    ///
-    /// Spinning keeps the waiting thread on its core: the log thread's answer then
-    /// needs no wake-up (a futex call, and on a virtual machine an interrupt to the
-    /// other core), and the writer goes on the moment it comes, instead of after
-    /// the scheduler gets back to it. It only pays where the wait is short, as when
-    /// the writer decided a large batch while the log wrote it; with the fsync
-    /// still far off, as after a batch of one, it only burns a core.
-    pub fn finish(&mut self, spin: Duration) -> io::Result<()> {
-        let Some(started) = self.in_flight.take() else {
+    /// Waits for the append started last.
+    pub fn finish(&mut self) -> io::Result<()> {
+        if !std::mem::take(&mut self.in_flight) {
             return Err(io::Error::other("the log thread is gone"));
-        };
-        let expected = self.latency.saturating_sub(started.elapsed());
-        let spun = !spin.is_zero() && expected <= spin;
-        let answer = if spun {
-            self.spins.spun += 1;
-            let spinning = Instant::now();
-            loop {
-                match self.done.try_recv() {
-                    Ok(answer) => {
-                        self.spins.caught += 1;
-                        break Ok(answer);
-                    }
-                    Err(std::sync::mpsc::TryRecvError::Empty) if spinning.elapsed() < spin => {
-                        std::hint::spin_loop();
-                    }
-                    Err(_) => break self.done.recv(),
-                }
-            }
-        } else {
-            self.done.recv()
-        };
-        let (result, finished) = answer.map_err(|_| io::Error::other("the log thread is gone"))?;
-        // The log thread's own clock: a sleeping writer's wake-up is not the log's.
-        let took = finished.saturating_duration_since(started);
-        self.latency = (self.latency * 7 + took) / 8;
-        result
-    }
-
-    /// How [`Appender::finish`] waited so far.
-    #[cfg(test)]
-    fn spin_stats(&self) -> SpinStats {
-        self.spins
+        }
+        self.wait()
     }
 
     fn wait(&mut self) -> io::Result<()> {
         self.done
             .recv()
             .map_err(|_| io::Error::other("the log thread is gone"))?
-            .0
     }
 
     /// Bytes in the active file (as of the last job the thread finished).
@@ -387,7 +324,7 @@ impl Appender {
 
     /// [`Appender::release`], waiting for it.
     pub fn release_now(&mut self, seq: u64) -> io::Result<()> {
-        debug_assert!(self.in_flight.is_none(), "no append in flight");
+        debug_assert!(!self.in_flight, "no append in flight");
         self.send(Job::Release(seq, true))?;
         self.wait()
     }
@@ -502,40 +439,5 @@ mod tests {
         reopened.append(7, 70, b"g").unwrap();
         reopened.release(7).unwrap();
         assert_eq!(reopened.segments.iter().map(|s| s.len).sum::<u64>(), 0);
-    }
-
-    #[test]
-    fn finish_spins_only_for_an_answer_expected_soon_and_answers_either_way() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("w");
-        let (w, _) = Wal::open(&path).unwrap();
-        let mut log = Appender::spawn(w).unwrap();
-        // No spin asked for: it sleeps for the answer.
-        log.start(1, 10, b"one".to_vec());
-        log.finish(Duration::ZERO).unwrap();
-        assert_eq!(log.spin_stats(), SpinStats::default());
-        // An answer expected within the spin (any append, within a minute): it
-        // comes while the writer spins.
-        log.start(2, 20, b"two".to_vec());
-        log.finish(Duration::from_secs(60)).unwrap();
-        assert_eq!(log.spin_stats(), SpinStats { spun: 1, caught: 1 });
-        // Appends have taken an hour lately: a spin of a second is not worth it.
-        log.latency = Duration::from_secs(3600);
-        log.start(3, 30, b"three".to_vec());
-        log.finish(Duration::from_secs(1)).unwrap();
-        assert_eq!(log.spin_stats().spun, 1);
-        // The average moved towards what the append took (well under an hour).
-        assert!(log.latency < Duration::from_secs(3600 * 7 / 8 + 1));
-        // A spin too short to see the answer: it sleeps for it after all.
-        log.latency = Duration::ZERO;
-        log.start(4, 40, b"four".to_vec());
-        log.finish(Duration::from_nanos(1)).unwrap();
-        assert_eq!(log.spin_stats().spun, 2);
-        // Without an append in flight there is nothing to wait for.
-        assert!(log.finish(Duration::from_secs(60)).is_err());
-        drop(log);
-        let (_, recs) = Wal::open(&path).unwrap();
-        assert_eq!(seqs(&recs), [1, 2, 3, 4]);
-        assert_eq!(recs[3].payload, b"four");
     }
 }
